@@ -1,0 +1,138 @@
+"""Parameters: one pydantic model per ``params.yaml`` section, strict about keys.
+
+``params.yaml`` is the single source of parameters. It is read once, at the edge (CLI,
+DVC stage, Prefect flow); library functions receive only their own section. Unknown keys
+and wrong values fail with a message naming the key and the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medimg.errors import ConfigError
+
+Orientation = Literal["axial", "coronal", "sagittal", "oblique"]
+Range = tuple[float, float]
+IntRange = tuple[int, int]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class StrictModel(BaseModel):
+    """Base: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _ordered(rng: tuple[Any, Any], name: str) -> None:
+    if rng[0] > rng[1]:
+        raise ValueError(f"{name} must be [low, high] with low <= high, got {list(rng)}")
+
+
+class DataParams(StrictModel):
+    """Where each stage reads and writes, relative to the project root."""
+
+    raw: Path = Path("data/raw")  # folder of DICOM files, any layout (a PACS export)
+    labels: Path = Path("data/labels.csv")  # CSV with columns patient_id,label (0/1)
+    masks: Path = Path("data/masks")  # NIfTI masks named <SeriesInstanceUID>.nii.gz
+    synth_truth: Path = Path("data/synth_truth.csv")  # demo only: generator ground truth
+    interim: Path = Path("data/interim")  # ingest output: volumes, manifest, QC
+    processed: Path = Path("data/processed")  # preprocessing output and splits
+
+
+class SynthParams(StrictModel):
+    """The built-in synthetic cohort (demo and tests only)."""
+
+    seed: int = 0  # every file is a pure function of this seed and the settings below
+    n_patients: int = Field(40, ge=1)  # patients in the cohort
+    studies_per_patient: IntRange = (1, 2)  # [min, max] studies per patient
+    series_per_study: IntRange = (1, 2)  # [min, max] image series per study
+    mr_fraction: Fraction = 0.3  # share of studies that are MR (the rest are CT)
+    positive_fraction: Fraction = 0.5  # share of patients carrying lesions (label 1)
+    lesions_per_positive: IntRange = (1, 2)  # [min, max] lesions in a positive patient
+    lesion_radius_mm: Range = (14.0, 22.0)  # [min, max] ellipsoid semi-axis, mm
+    lesion_contrast_hu: float = 70.0  # lesion mean above soft tissue, Hounsfield units
+    matrix: int = Field(64, ge=8, le=1024)  # in-plane rows = columns, pixels
+    n_slices: int = Field(32, ge=2, le=2048)  # slices per series
+    fov_mm: Range = (340.0, 380.0)  # [min, max] in-plane field of view, mm
+    slice_spacing_mm: Range = (4.0, 6.0)  # [min, max] distance between slice centres, mm
+    orientations: tuple[Orientation, ...] = Field(
+        ("axial", "coronal", "sagittal", "oblique"), min_length=1
+    )  # slice planes, assigned to series in turn
+    oblique_deg: Range = (12.0, 25.0)  # [min, max] tilt of oblique stacks off axial, degrees
+    shuffle_instance_fraction: Fraction = 0.25  # series whose InstanceNumber ignores position
+    descending_fraction: Fraction = 0.3  # series stacked against the slice normal
+    noise_hu: float = Field(12.0, ge=0.0)  # Gaussian image noise (CT HU; MR scaled alike)
+    centre_jitter_mm: float = Field(6.0, ge=0.0)  # random shift of each series' grid, mm
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> SynthParams:
+        for name in (
+            "studies_per_patient",
+            "series_per_study",
+            "lesions_per_positive",
+            "lesion_radius_mm",
+            "fov_mm",
+            "slice_spacing_mm",
+            "oblique_deg",
+        ):
+            _ordered(getattr(self, name), name)
+        if self.studies_per_patient[0] < 1 or self.series_per_study[0] < 1:
+            raise ValueError("studies_per_patient and series_per_study start at 1 or more")
+        return self
+
+
+class Params(StrictModel):
+    """All of ``params.yaml``."""
+
+    data: DataParams = DataParams()
+    synth: SynthParams = SynthParams()
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key (check its spelling against the documented params)"
+    return f"{key}: {err['msg']} (got {err.get('input')!r})"
+
+
+def parse_params(raw: dict[str, Any] | None, source: str = "<params>") -> Params:
+    """Validate a mapping of parameters.
+
+    Args:
+        raw: the parsed YAML mapping (``None`` means all defaults).
+        source: the file name to cite in error messages.
+
+    Raises:
+        ConfigError: naming the file and every offending key.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        lines = "\n  ".join(_describe(err) for err in e.errors())  # type: ignore[arg-type]
+        raise ConfigError(f"{source}: invalid parameters:\n  {lines}") from e
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or has wrong keys or values.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: parameter file not found (pass --params PATH)") from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return parse_params(raw, str(path))

@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny synthetic cohort written once per test session."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from medimg.config import DataParams, Params, SynthParams
+
+# Small enough to write in about a second, large enough to hold every orientation,
+# both modalities, shuffled and descending stacks, and lesions of a few voxels.
+TINY_SYNTH = SynthParams(
+    seed=7,
+    n_patients=8,
+    matrix=48,
+    n_slices=16,
+    lesion_radius_mm=(8.0, 12.0),
+    centre_jitter_mm=3.0,
+    shuffle_instance_fraction=0.5,
+    descending_fraction=0.5,
+    mr_fraction=0.35,
+)
+
+
+@dataclass(frozen=True)
+class Cohort:
+    root: Path
+    params: Params
+    counts: dict[str, int]
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def masks(self) -> Path:
+        return self.root / "data" / "masks"
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "data" / "labels.csv"
+
+    @property
+    def truth(self) -> Path:
+        return self.root / "data" / "synth_truth.csv"
+
+
+def write_cohort(root: Path, synth: SynthParams = TINY_SYNTH) -> Cohort:
+    from medimg import stages
+
+    params = Params(data=DataParams(), synth=synth)
+    counts = stages.synth(params, root=root)
+    return Cohort(root=root, params=params, counts=counts)
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Cohort:
+    """The tiny cohort; tests must not modify it."""
+    return write_cohort(tmp_path_factory.mktemp("cohort"))
+
+
+def tool_path(name: str) -> str:
+    """A command-line tool from this environment's bin folder, else from PATH.
+
+    Fails (never skips) when the tool is missing: it is a declared dev dependency.
+    """
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found: install the dev extras (pip install -e '.[dev]')")
+    return found

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+
+from medimg.config import Params, load_params, parse_params
+from medimg.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_repo_params_file_is_valid_and_matches_defaults() -> None:
+    # params.yaml documents the defaults: drift between the two is a bug.
+    assert load_params(REPO / "params.yaml") == Params()
+
+
+def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
+    f = tmp_path / "params.yaml"
+    f.write_text("synth:\n  n_patinets: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_params(f)
+    assert str(f) in str(e.value)
+    assert "synth.n_patinets" in str(e.value)
+    assert "unknown key" in str(e.value)
+
+
+def test_wrong_value_names_key_and_value(tmp_path: Path) -> None:
+    f = tmp_path / "p.yaml"
+    f.write_text("synth:\n  positive_fraction: 1.5\n  orientations: [axial, diagonal]\n")
+    with pytest.raises(ConfigError) as e:
+        load_params(f)
+    msg = str(e.value)
+    assert "synth.positive_fraction" in msg and "1.5" in msg
+    assert "synth.orientations.1" in msg and "diagonal" in msg
+
+
+def test_reversed_range_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="slice_spacing_mm"):
+        parse_params({"synth": {"slice_spacing_mm": [6.0, 4.0]}})
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("synth: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_params_are_immutable() -> None:
+    p = Params()
+    with pytest.raises(ValueError):
+        p.synth.seed = 3  # type: ignore[misc]
