@@ -39,9 +39,12 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load(params_file: Path) -> Params:
-    from medimg.config import load_params
+    from medimg.config import Params, load_params
     from medimg.errors import MedImgError
 
+    if params_file == Path("params.yaml") and not params_file.exists():
+        logging.getLogger(__name__).info("no params.yaml here: using the defaults")
+        return Params()
     try:
         return load_params(params_file)
     except MedImgError as e:
@@ -104,6 +107,43 @@ def synth(
     typer.echo(
         f"wrote {counts['series']} series ({counts['files']} files) for {counts['patients']} "
         f"patients, {counts['positives']} with lesions, to {params.data.raw}"
+    )
+
+
+@app.command()
+def ingest(
+    input_dir: Path | None = typer.Argument(None, help="DICOM folder (default: data.raw)."),
+    output_dir: Path | None = typer.Argument(None, help="Output folder (default: data.interim)."),
+    labels: Path | None = typer.Option(None, help="labels.csv (default: data.labels)."),
+    masks: Path | None = typer.Option(None, help="Folder of masks (default: data.masks)."),
+    params_file: Path = PARAMS_OPTION,
+) -> None:
+    """Ingest a DICOM folder: series, geometry checks, QC, de-identified volumes, manifest."""
+    from medimg import stages
+    from medimg.errors import MedImgError
+
+    params = _load(params_file)
+    update = {
+        k: v
+        for k, v in {
+            "raw": input_dir,
+            "interim": output_dir,
+            "labels": labels,
+            "masks": masks,
+        }.items()
+        if v is not None
+    }
+    params = params.model_copy(update={"data": params.data.model_copy(update=update)})
+    try:
+        with _progress("ingest: series") as progress:
+            summary = stages.ingest(params, progress=progress)
+    except MedImgError as e:
+        typer.secho(str(e), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from e
+    typer.echo(
+        f"{summary['n_stacks']} volumes ({summary['n_processed']} new, {summary['n_reused']} "
+        f"unchanged, {summary['n_flagged']} flagged), {summary['n_quarantined_files']} files "
+        f"quarantined; see {params.data.interim}/qc.html"
     )
 
 

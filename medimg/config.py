@@ -85,11 +85,35 @@ class SynthParams(StrictModel):
         return self
 
 
+class IngestParams(StrictModel):
+    """DICOM folder to de-identified volumes, masks, manifest and QC report."""
+
+    label_key: Literal["PatientID", "StudyInstanceUID", "AccessionNumber"] = (
+        "PatientID"  # the DICOM attribute labels.csv is keyed on
+    )
+    irregular: Literal["reject", "flag", "resample"] = (
+        "reject"  # stacks with duplicate positions, missing slices, uneven gaps or tilt
+    )
+    on_invalid: Literal["raise", "warn", "skip"] = (
+        "warn"  # a bad file: stop, or quarantine it with (warn) or without a log line
+    )
+    min_slices: int = Field(2, ge=2)  # fewer slices do not make a volume
+    spacing_tolerance: float = Field(0.01, gt=0)  # max relative deviation of a slice gap
+    tilt_tolerance_deg: float = Field(0.1, gt=0)  # max shear of a stack, degrees
+    allow_burned_in: bool = False  # ingest images flagged BurnedInAnnotation = YES
+    compress: bool = True  # write .nii.gz (gzip) rather than .nii
+    compression_level: int = Field(1, ge=1, le=9)  # gzip level: 1 is fast, 9 is small
+    workers: int = Field(1, ge=1)  # series processed in parallel (threads)
+    salt_file: Path = Path(".medimg-salt")  # secret key of the pseudonyms; never in git
+    export_deid_dicom: bool = False  # also write de-identified DICOM copies
+
+
 class Params(StrictModel):
     """All of ``params.yaml``."""
 
     data: DataParams = DataParams()
     synth: SynthParams = SynthParams()
+    ingest: IngestParams = IngestParams()
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -8,9 +8,13 @@ params are relative to that root. Heavy imports stay inside the functions.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from medimg.config import Params
 from medimg.dicom.synth import Progress
+
+if TYPE_CHECKING:
+    from medimg.ingest import IngestPaths
 
 
 def _at(root: Path, path: Path) -> Path:
@@ -32,3 +36,28 @@ def synth(
         truth_csv=_at(root, d.synth_truth),
         progress=progress,
     )
+
+
+def ingest_paths(params: Params, root: Path = Path(".")) -> IngestPaths:
+    """The ingest stage's inputs and outputs, from ``params.data``."""
+    from medimg.ingest import IngestPaths
+
+    d = params.data
+    return IngestPaths(
+        input=_at(root, d.raw),
+        out=_at(root, d.interim),
+        labels=_at(root, d.labels),
+        masks=_at(root, d.masks),
+    )
+
+
+def ingest(
+    params: Params, root: Path = Path("."), progress: Progress | None = None
+) -> dict[str, Any]:
+    """DICOM folder to de-identified volumes, masks, manifest, QC report and quarantine."""
+    from medimg.ingest import ingest as run
+
+    cfg = params.ingest
+    if not cfg.salt_file.is_absolute():
+        cfg = cfg.model_copy(update={"salt_file": root / cfg.salt_file})
+    return run(cfg, ingest_paths(params, root), progress)

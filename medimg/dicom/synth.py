@@ -47,16 +47,67 @@ AIR, FAT, SOFT, LUNG, BONE, LIVER, LESION = range(7)
 CT_HU = np.array([-1000.0, -100.0, 40.0, -820.0, 650.0, 60.0, 40.0])  # by tissue code
 MR_SIGNAL = np.array([0.0, 900.0, 420.0, 40.0, 520.0, 330.0, 700.0])  # T1-like, a.u.
 
-FIRST_NAMES = ["Anna", "Bram", "Chloe", "Dario", "Elif", "Farid", "Greta", "Hugo", "Ines",
-               "Jonas", "Kaori", "Lena", "Mateo", "Nora", "Oskar", "Priya", "Quinn", "Rosa",
-               "Sven", "Talia", "Umar", "Vera", "Wim", "Ximena", "Yusuf", "Zoe"]  # fmt: skip
-LAST_NAMES = ["Andersen", "Bakker", "Castillo", "Dubois", "Eriksen", "Fischer", "Garcia",
-              "Hansen", "Ivanova", "Jansen", "Kowalski", "Lindqvist", "Moreau", "Novak",
-              "Okafor", "Petrov", "Quispe", "Rossi", "Schmidt", "Tanaka", "Ueda", "Visser",
-              "Weber", "Xu", "Yilmaz", "Zimmermann"]  # fmt: skip
-INSTITUTIONS = [("Northfield General Hospital", "12 Harbour Road, Northfield"),
-                ("St. Elsewhere Medical Centre", "400 Elm Street, Riverton"),
-                ("Lakeside University Clinic", "1 Campus Drive, Lakeside")]  # fmt: skip
+FIRST_NAMES = [
+    "Anna",
+    "Bram",
+    "Chloe",
+    "Dario",
+    "Elif",
+    "Farid",
+    "Greta",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kaori",
+    "Lena",
+    "Mateo",
+    "Nora",
+    "Oskar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Talia",
+    "Umar",
+    "Vera",
+    "Wim",
+    "Ximena",
+    "Yusuf",
+    "Zoe",
+]
+LAST_NAMES = [
+    "Andersen",
+    "Bakker",
+    "Castillo",
+    "Dubois",
+    "Eriksen",
+    "Fischer",
+    "Garcia",
+    "Hansen",
+    "Ivanova",
+    "Jansen",
+    "Kowalski",
+    "Lindqvist",
+    "Moreau",
+    "Novak",
+    "Okafor",
+    "Petrov",
+    "Quispe",
+    "Rossi",
+    "Schmidt",
+    "Tanaka",
+    "Ueda",
+    "Visser",
+    "Weber",
+    "Xu",
+    "Yilmaz",
+    "Zimmermann",
+]
+INSTITUTIONS = [
+    ("Northfield General Hospital", "12 Harbour Road, Northfield"),
+    ("St. Elsewhere Medical Centre", "400 Elm Street, Riverton"),
+    ("Lakeside University Clinic", "1 Campus Drive, Lakeside"),
+]
 
 
 @dataclass(frozen=True)
@@ -469,9 +520,19 @@ def _save_mask(mask: npt.NDArray[np.uint8], lps: npt.NDArray[np.float64], path: 
 
 
 TRUTH_COLUMNS = [
-    "series_uid", "study_uid", "patient_id", "modality", "vendor", "orientation",
-    "descending", "shuffled", "n_slices", "label", "lesion_voxels", "folder",
-]  # fmt: skip
+    "series_uid",
+    "study_uid",
+    "patient_id",
+    "modality",
+    "vendor",
+    "orientation",
+    "descending",
+    "shuffled",
+    "n_slices",
+    "label",
+    "lesion_voxels",
+    "folder",
+]
 
 
 def synth_cohort(

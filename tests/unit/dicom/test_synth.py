@@ -83,8 +83,15 @@ def test_files_read_strictly_and_look_like_a_pacs_export(
         )
         assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
         assert len({s.SOPInstanceUID for s in slices}) == len(slices)
-        for key in ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName",
-                    "ReferringPhysicianName", "AccessionNumber", "OperatorsName"):  # fmt: skip
+        for key in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "InstitutionName",
+            "ReferringPhysicianName",
+            "AccessionNumber",
+            "OperatorsName",
+        ):
             assert str(ds.get(key, "")).strip(), f"fake PHI {key} missing"
     vendors = {s[0].Manufacturer for s in strict_headers.values()}
     assert len(vendors) >= 3

@@ -1,0 +1,235 @@
+"""Assemble image instances into geometrically valid stacks, with named QC flags.
+
+A DICOM series is grouped by SeriesInstanceUID, then split into stacks that share
+orientation, matrix size and ImageType (localizers are set aside). Slices are sorted by
+ImagePositionPatient projected on the slice normal, never by InstanceNumber alone, and the
+spacing between them is checked: duplicate positions, missing slices, non-uniform
+spacing and gantry tilt each raise a named flag.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from medimg.dicom.discover import Frame, Instance, Rejection
+from medimg.dicom.geometry import direction_cosines, lps_affine
+
+log = logging.getLogger(__name__)
+
+# Geometry flags; what happens to a stack that carries one is the `irregular` policy.
+DUPLICATE_POSITIONS = "duplicate_positions"
+MISSING_SLICES = "missing_slices"
+NONUNIFORM_SPACING = "nonuniform_spacing"
+GANTRY_TILT = "gantry_tilt"
+IRREGULAR_FLAGS = (DUPLICATE_POSITIONS, MISSING_SLICES, NONUNIFORM_SPACING, GANTRY_TILT)
+# Informational flags: the stack is still used as it is.
+DUPLICATE_INSTANCES = "duplicate_instances"  # the same SOP instance twice (copied files)
+SPLIT_SERIES = "split_series"  # the series held several stacks
+RESAMPLED = "resampled"  # slices were interpolated onto a uniform grid
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One 2D image of a stack: a file, or one frame of a multi-frame file."""
+
+    instance: Instance
+    frame: Frame
+
+    @property
+    def path(self) -> Path:
+        return self.instance.path
+
+
+@dataclass
+class Stack:
+    """Slices of one series that can form a volume, sorted along the slice normal."""
+
+    series_uid: str
+    part: int  # 0 unless the series was split into several stacks
+    n_parts: int
+    slices: list[Slice]
+    flags: list[str] = field(default_factory=list)
+    detail: str = ""  # why the flags were raised, without PHI
+
+    @property
+    def first(self) -> Instance:
+        return self.slices[0].instance
+
+    @property
+    def orientation(self) -> tuple[float, ...]:
+        o = self.slices[0].frame.orientation
+        assert o is not None  # stacks are built only from slices with geometry
+        return o
+
+    @property
+    def pixel_spacing(self) -> tuple[float, float]:
+        s = self.slices[0].frame.spacing
+        assert s is not None
+        return s
+
+    @property
+    def normal(self) -> npt.NDArray[np.float64]:
+        return direction_cosines(self.orientation)[2]
+
+    @property
+    def positions(self) -> npt.NDArray[np.float64]:
+        return np.array([s.frame.position for s in self.slices], dtype=np.float64)
+
+    @property
+    def irregular(self) -> list[str]:
+        return [f for f in self.flags if f in IRREGULAR_FLAGS]
+
+    def slice_step(self) -> npt.NDArray[np.float64]:
+        """Mean vector between consecutive slices, mm."""
+        p = self.positions
+        if len(p) < 2:  # a single slice has no step: use the unit normal
+            return self.normal
+        return np.asarray((p[-1] - p[0]) / (len(p) - 1), dtype=np.float64)
+
+    def lps_affine(self) -> npt.NDArray[np.float64]:
+        """Voxel (column, row, slice) to LPS mm, with the mean slice step."""
+        return lps_affine(
+            self.orientation, self.pixel_spacing, self.positions[0], self.slice_step()
+        )
+
+
+@dataclass(frozen=True)
+class GeometryTolerance:
+    """How strict the geometry checks are."""
+
+    orientation: float = 1e-4  # max difference of direction cosines within one stack
+    spacing_rel: float = 0.01  # max relative deviation of a gap from the median gap
+    tilt_deg: float = 0.1  # max angle between slice step and slice normal, degrees
+    min_slices: int = 2  # fewer slices do not make a volume
+
+
+def _orientation_key(o: tuple[float, ...], tol: float) -> tuple[int, ...]:
+    return tuple(round(v / (tol * 10)) for v in o)
+
+
+def group_stacks(
+    instances: Iterable[Instance], tol: GeometryTolerance
+) -> tuple[list[Stack], list[Rejection]]:
+    """Group instances into candidate stacks; set aside localizers and slices without geometry.
+
+    Returns:
+        Stacks (unsorted, unchecked) and rejections with typed reasons.
+    """
+    rejected: list[Rejection] = []
+    by_series: dict[str, list[Slice]] = defaultdict(list)
+    for inst in instances:
+        if "LOCALIZER" in inst.image_type:
+            rejected.append(Rejection(inst.path, "localizer", "ImageType LOCALIZER"))
+            continue
+        if inst.samples != 1 or not inst.photometric.startswith("MONOCHROME"):
+            rejected.append(Rejection(inst.path, "unsupported_pixels", f"{inst.photometric} image"))
+            continue
+        missing = [
+            name
+            for name in ("position", "orientation", "spacing")
+            if any(getattr(f, name) is None for f in inst.frames)
+        ]
+        if missing or not inst.frames:
+            tags = {
+                "position": "ImagePositionPatient",
+                "orientation": "ImageOrientationPatient",
+                "spacing": "PixelSpacing",
+            }
+            what = ", ".join(tags[m] for m in missing) or "frames"
+            rejected.append(Rejection(inst.path, "missing_geometry", f"{what} missing or invalid"))
+            continue
+        by_series[inst.series_uid].extend(Slice(inst, f) for f in inst.frames)
+
+    stacks: list[Stack] = []
+    for series_uid in sorted(by_series):
+        parts: dict[tuple[object, ...], list[Slice]] = defaultdict(list)
+        for s in by_series[series_uid]:
+            assert s.frame.orientation is not None
+            key = (
+                _orientation_key(s.frame.orientation, tol.orientation),
+                s.instance.rows,
+                s.instance.columns,
+                s.instance.image_type[:3],
+            )
+            parts[key].append(s)
+        order = sorted(parts, key=lambda k: (-len(parts[k]), repr(k)))
+        for part, signature in enumerate(order):
+            stack = Stack(series_uid, part, len(order), parts[signature])
+            if len(order) > 1:
+                stack.flags.append(SPLIT_SERIES)
+            stacks.append(stack)
+    return stacks, rejected
+
+
+def check_stack(stack: Stack, tol: GeometryTolerance) -> None:
+    """Sort ``stack`` along its normal and record geometry flags (in place)."""
+    normal = stack.normal
+    # Exact copies of one SOP instance (a file exported twice) are dropped, not flagged bad.
+    seen: dict[tuple[str, int], Slice] = {}
+    for s in stack.slices:
+        seen.setdefault((s.instance.sop_uid, s.frame.index), s)
+    if len(seen) < len(stack.slices):
+        stack.flags.append(DUPLICATE_INSTANCES)
+        stack.slices = list(seen.values())
+    stack.slices.sort(
+        key=lambda s: (float(np.dot(s.frame.position, normal)), s.instance.instance_number or 0)  # type: ignore[arg-type]
+    )
+    if len(stack.slices) < 2:
+        return
+    p = stack.positions
+    along = p @ normal
+    gaps = np.diff(along)
+    details = []
+    spacing = float(np.median(gaps))
+    if np.any(gaps <= max(1e-3, 1e-3 * abs(spacing))):
+        stack.flags.append(DUPLICATE_POSITIONS)
+        details.append(f"{int(np.sum(gaps <= 1e-3))} slices share a position")
+        spacing = float(np.median(gaps[gaps > 1e-3])) if np.any(gaps > 1e-3) else 0.0
+    if spacing > 0:
+        dev = np.abs(gaps - spacing) / spacing
+        bad = dev > tol.spacing_rel
+        ratio = gaps / spacing
+        multiples = bad & (np.abs(ratio - np.round(ratio)) < tol.spacing_rel) & (ratio > 1.5)
+        if np.any(multiples):
+            stack.flags.append(MISSING_SLICES)
+            details.append(f"{int(np.sum(np.round(ratio[multiples]) - 1))} slices missing")
+        if np.any(bad & ~multiples & (gaps > 1e-3)):
+            stack.flags.append(NONUNIFORM_SPACING)
+            details.append(
+                f"gaps from {gaps[gaps > 1e-3].min():.3g} to {gaps.max():.3g} mm"
+                f" (median {spacing:.3g})"
+            )
+    step = p[-1] - p[0]
+    norm = float(np.linalg.norm(step))
+    if norm > 0:
+        angle = float(np.degrees(np.arccos(min(1.0, abs(float(step @ normal)) / norm))))
+        if angle > tol.tilt_deg:
+            stack.flags.append(GANTRY_TILT)
+            details.append(f"slices sheared by {angle:.2f} degrees")
+    stack.detail = "; ".join(details)
+
+
+def assemble(
+    instances: Iterable[Instance], tol: GeometryTolerance
+) -> tuple[list[Stack], list[Rejection]]:
+    """Group, sort and check stacks. Groups too small to form a volume are rejected."""
+    stacks, rejected = group_stacks(instances, tol)
+    kept: list[Stack] = []
+    for stack in stacks:
+        check_stack(stack, tol)
+        if len(stack.slices) < tol.min_slices:
+            why = (
+                f"{len(stack.slices)} slice(s) with this orientation and matrix; "
+                f"at least {tol.min_slices} make a volume"
+            )
+            rejected.extend(Rejection(s.path, "no_stack", why) for s in stack.slices)
+            continue
+        kept.append(stack)
+    return kept, rejected

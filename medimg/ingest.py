@@ -1,0 +1,374 @@
+"""The ingest stage: any folder of DICOM files to de-identified volumes and a manifest.
+
+Three steps, so that an orchestrator can map the middle one over series:
+
+1. :func:`plan_ingest` walks the folder (headers only), assembles and checks stacks, and
+   decides which need work (new or changed since the last run).
+2. :func:`ingest_stack` turns one stack into a volume (and mask) plus a record; each file
+   is written atomically, the record last, so a killed run leaves nothing half-done.
+3. :func:`finalize_ingest` joins labels, writes ``manifest.parquet``, ``qc.json``,
+   ``qc.html`` and ``quarantine.csv``, and removes outputs of series no longer present.
+
+Only ``quarantine.csv`` names source files (the user must fix them); nothing else carries
+a path, name, ID, date or UID of the source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from medimg.config import IngestParams
+from medimg.data import manifest as manifest_io
+from medimg.data.labels import read_labels
+from medimg.dicom.deid import Pseudonymizer, load_or_create_salt
+from medimg.dicom.discover import Discovery, Instance, Rejection, discover
+from medimg.dicom.pixels import PixelDecodeError, read_stack
+from medimg.dicom.series import RESAMPLED, GeometryTolerance, Stack, assemble
+from medimg.errors import DicomError
+from medimg.io import atomic_write_text
+from medimg.volume import align_mask, content_hash, save_nifti, stack_volume
+
+log = logging.getLogger(__name__)
+
+INGEST_VERSION = 1  # bump when outputs change for the same inputs and params
+Progress = Callable[[int, int], None]
+DAMAGE = {"unreadable", "missing_tag", "missing_geometry", "pixel_decode", "unsupported_pixels"}
+
+
+@dataclass(frozen=True)
+class IngestPaths:
+    """Inputs and outputs of one ingest run."""
+
+    input: Path  # the DICOM folder
+    out: Path  # data/interim
+    labels: Path | None = None  # labels.csv, optional
+    masks: Path | None = None  # folder of <SeriesInstanceUID>.nii[.gz], optional
+
+    @property
+    def volumes(self) -> Path:
+        return self.out / "volumes"
+
+    @property
+    def out_masks(self) -> Path:
+        return self.out / "masks"
+
+    @property
+    def records(self) -> Path:
+        return self.out / "records"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One stack to turn into a volume (picklable, for process and Dask runners)."""
+
+    key: str
+    stack: Stack
+    fingerprint: str
+    meta: dict[str, Any]  # pseudonymous ids and header facts for the manifest
+    mask: Path | None
+
+
+@dataclass
+class Plan:
+    jobs: list[Job] = field(default_factory=list)  # stacks that need work
+    reused: list[dict[str, Any]] = field(default_factory=list)  # records still valid
+    rejected: list[Rejection] = field(default_factory=list)
+    n_files: int = 0
+    n_instances: int = 0
+
+    @property
+    def keys(self) -> set[str]:
+        return {j.key for j in self.jobs} | {r["key"] for r in self.reused}
+
+
+@dataclass
+class StackResult:
+    record: dict[str, Any] | None = None
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+def _pseudonymizer(cfg: IngestParams) -> Pseudonymizer:
+    return Pseudonymizer(load_or_create_salt(cfg.salt_file))
+
+
+def _plane(normal: np.ndarray) -> str:
+    axis = int(np.argmax(np.abs(normal)))
+    if abs(normal[axis]) < np.cos(np.radians(1.0)):
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+def _label_value(inst: Instance, label_key: str) -> str:
+    return {
+        "PatientID": inst.patient_id,
+        "StudyInstanceUID": inst.study_uid,
+        "AccessionNumber": inst.accession,
+    }[label_key]
+
+
+def _fingerprint(stack: Stack, mask: Path | None, cfg: IngestParams, pseudo: Pseudonymizer) -> str:
+    files = sorted(
+        {(s.instance.sop_uid, s.instance.size, s.instance.mtime_ns) for s in stack.slices}
+    )
+    mask_stat = (mask.stat().st_size, mask.stat().st_mtime_ns) if mask else None
+    settings = cfg.model_dump(
+        mode="json",
+        include={
+            "irregular",
+            "min_slices",
+            "spacing_tolerance",
+            "tilt_tolerance_deg",
+            "compress",
+            "compression_level",
+        },
+    )
+    blob = json.dumps([INGEST_VERSION, files, mask_stat, settings], sort_keys=True)
+    return pseudo.key("fingerprint", blob, n=32)
+
+
+def _find_mask(masks: Path | None, series_uid: str) -> Path | None:
+    if masks is None:
+        return None
+    for suffix in (".nii.gz", ".nii"):
+        candidate = masks / f"{series_uid}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def plan_ingest(cfg: IngestParams, paths: IngestPaths) -> Plan:
+    """Discover, assemble and check stacks; keep the records of unchanged ones.
+
+    Raises:
+        DicomError: with ``on_invalid: raise``, for the first damaged file.
+    """
+    if not paths.input.is_dir():
+        raise DicomError(f"{paths.input}: input folder not found (set data.raw or pass INPUT_DIR)")
+    pseudo = _pseudonymizer(cfg)
+    found: Discovery = discover(paths.input)
+    plan = Plan(rejected=list(found.rejected), n_files=found.n_files)
+    usable: list[Instance] = []
+    for inst in found.instances:
+        if inst.burned_in and not cfg.allow_burned_in:
+            plan.rejected.append(
+                Rejection(
+                    inst.path,
+                    "burned_in_annotation",
+                    "BurnedInAnnotation YES (set ingest.allow_burned_in after review)",
+                )
+            )
+        else:
+            usable.append(inst)
+    plan.n_instances = len(found.instances)
+    tol = GeometryTolerance(
+        spacing_rel=cfg.spacing_tolerance,
+        tilt_deg=cfg.tilt_tolerance_deg,
+        min_slices=cfg.min_slices,
+    )
+    stacks, rejected = assemble(usable, tol)
+    plan.rejected.extend(rejected)
+    _check_strictness(cfg, plan.rejected, paths.input)
+    for stack in stacks:
+        first = stack.first
+        key = pseudo.key("series", stack.series_uid)
+        if stack.n_parts > 1:
+            key = f"{key}-{stack.part}"
+        mask = _find_mask(paths.masks, stack.series_uid)
+        fingerprint = _fingerprint(stack, mask, cfg, pseudo)
+        old = _read_record(paths.records / f"{key}.json")
+        if (
+            old is not None
+            and old.get("fingerprint") == fingerprint
+            and (paths.out / str(old.get("volume", "-"))).is_file()
+        ):
+            plan.reused.append(old)
+            continue
+        meta = {
+            "patient": pseudo.key("patient", first.patient_id),
+            "study": pseudo.key("study", first.study_uid),
+            "series": pseudo.key("series", stack.series_uid),
+            "label_ref": pseudo.key("label", _label_value(first, cfg.label_key)),
+            "modality": first.modality,
+            "vendor": first.manufacturer,
+            "sop_class": first.sop_class,
+        }
+        plan.jobs.append(Job(key, stack, fingerprint, meta, mask))
+    log.info(
+        "ingest plan: %d stacks to process, %d unchanged, %d files set aside",
+        len(plan.jobs),
+        len(plan.reused),
+        len({r.path for r in plan.rejected}),
+    )
+    return plan
+
+
+def _check_strictness(cfg: IngestParams, rejected: Iterable[Rejection], root: Path) -> None:
+    bad = [r for r in rejected if r.reason in DAMAGE]
+    if cfg.on_invalid == "raise" and bad:
+        r = bad[0]
+        raise DicomError(
+            f"{r.path.relative_to(root)}: {r.reason}: {r.detail} "
+            "(fix or remove the file, or set ingest.on_invalid: warn)"
+        )
+    if cfg.on_invalid == "warn":
+        for n, r in enumerate(bad, start=1):
+            log.warning(
+                "damaged file #%d set aside: %s (%s); see quarantine.csv", n, r.reason, r.detail
+            )
+
+
+def ingest_stack(job: Job, cfg: IngestParams, paths: IngestPaths) -> StackResult:
+    """Write one stack's volume (and mask) and its record; or reject it with reasons."""
+    stack = job.stack
+    if stack.irregular and cfg.irregular == "reject":
+        reason = stack.irregular[0]
+        detail = f"series {job.key}: {', '.join(stack.irregular)}: {stack.detail}"
+        return StackResult(rejected=[Rejection(s.path, reason, detail) for s in stack.slices])
+    try:
+        pixels = read_stack(stack)
+    except PixelDecodeError as e:
+        rejected = [Rejection(e.path, e.reason, e.detail)]
+        rejected += [
+            Rejection(s.path, "series_incomplete", f"series {job.key}: another file failed")
+            for s in stack.slices
+            if s.path != e.path
+        ]
+        if cfg.on_invalid == "raise":
+            raise DicomError(f"{e.path.relative_to(paths.input)}: {e.detail}") from e
+        return StackResult(rejected=rejected)
+    volume, affine = stack_volume(stack, pixels, resample=cfg.irregular == "resample")
+    flags = list(stack.flags)
+    if cfg.irregular == "resample" and stack.irregular:
+        flags.append(RESAMPLED)
+    ext = ".nii.gz" if cfg.compress else ".nii"
+    vol_rel = f"volumes/{job.key}{ext}"
+    mask_rel = None
+    lesion_voxels = None
+    if job.mask is not None:
+        mask = align_mask(nib.load(job.mask), volume.shape, affine)  # type: ignore[arg-type]
+        if mask is None:
+            flags.append("mask_mismatch")
+        else:
+            mask_rel = f"masks/{job.key}{ext}"
+            lesion_voxels = int(mask.sum())
+            save_nifti(mask, affine, paths.out / mask_rel, level=cfg.compression_level)
+    save_nifti(volume, affine, paths.out / vol_rel, level=cfg.compression_level)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    sample = volume[::4, ::4, ::2]
+    record = {
+        "key": job.key,
+        **job.meta,
+        "plane": _plane(stack.normal),
+        "orientation": "".join(nib.aff2axcodes(affine)),
+        "shape": [int(v) for v in volume.shape],
+        "spacing": [round(float(v), 5) for v in spacing],
+        "dtype": str(volume.dtype),
+        "n_slices": len(stack.slices),
+        "flags": sorted(set(flags)),
+        "status": "flagged" if stack.irregular else "ok",
+        "volume": vol_rel,
+        "mask": mask_rel,
+        "lesion_voxels": lesion_voxels,
+        "intensity_p01": round(float(np.percentile(sample, 1)), 3),
+        "intensity_p99": round(float(np.percentile(sample, 99)), 3),
+        "content_hash": content_hash(volume, affine),
+        "fingerprint": job.fingerprint,
+    }
+    atomic_write_text(paths.records / f"{job.key}.json", json.dumps(record, sort_keys=True))
+    return StackResult(record=record)
+
+
+def finalize_ingest(
+    cfg: IngestParams, paths: IngestPaths, plan: Plan, results: Iterable[StackResult]
+) -> dict[str, Any]:
+    """Join labels, write manifest, QC report and quarantine list; drop stale outputs."""
+    records = list(plan.reused)
+    rejected = list(plan.rejected)
+    for r in results:
+        if r.record is not None:
+            records.append(r.record)
+        rejected.extend(r.rejected)
+    pseudo = _pseudonymizer(cfg)
+    labels: dict[str, int] = {}
+    if paths.labels is not None and paths.labels.is_file():
+        labels = read_labels(paths.labels, cfg.label_key, lambda v: pseudo.key("label", v))
+    elif paths.labels is not None:
+        log.warning("no labels file at %s: every label is left empty", paths.labels)
+    for rec in records:
+        rec["label"] = labels.get(rec["label_ref"])
+    records.sort(key=lambda r: r["key"])
+    keep = {r["key"] for r in records}
+    _remove_stale(paths, keep)
+    manifest_io.write_manifest(records, paths.out / "manifest.parquet")
+    quarantine = manifest_io.write_quarantine(rejected, paths.input, paths.out / "quarantine.csv")
+    summary = {
+        "n_files": plan.n_files,
+        "n_instances": plan.n_instances,
+        "n_stacks": len(records),
+        "n_ok": sum(r["status"] == "ok" for r in records),
+        "n_flagged": sum(r["status"] == "flagged" for r in records),
+        "n_processed": len(records) - len(plan.reused),
+        "n_reused": len(plan.reused),
+        "n_quarantined_files": len(quarantine),
+        "n_labelled": sum(r["label"] is not None for r in records),
+        "flags": dict(sorted(Counter(f for r in records for f in r["flags"]).items())),
+        "quarantine_reasons": dict(sorted(Counter(q["reason"] for q in quarantine).items())),
+    }
+    manifest_io.write_qc(summary, records, paths.out)
+    log.info(
+        "ingest: %d volumes (%d new, %d unchanged), %d files quarantined",
+        summary["n_stacks"],
+        summary["n_processed"],
+        summary["n_reused"],
+        summary["n_quarantined_files"],
+    )
+    return summary
+
+
+def _remove_stale(paths: IngestPaths, keep: set[str]) -> None:
+    for folder in (paths.volumes, paths.out_masks, paths.records):
+        if not folder.is_dir():
+            continue
+        for f in folder.iterdir():
+            key = f.name.split(".")[0]
+            if f.name.startswith(".") or key not in keep:
+                f.unlink()
+
+
+def ingest(
+    cfg: IngestParams, paths: IngestPaths, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Run the whole stage in this process (threads when ``cfg.workers`` > 1)."""
+    plan = plan_ingest(cfg, paths)
+    results: list[StackResult] = []
+    total = len(plan.jobs)
+    if cfg.workers > 1 and total > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(cfg.workers) as pool:
+            for n, res in enumerate(pool.map(lambda j: ingest_stack(j, cfg, paths), plan.jobs)):
+                results.append(res)
+                if progress:
+                    progress(n + 1, total)
+    else:
+        for n, job in enumerate(plan.jobs):
+            results.append(ingest_stack(job, cfg, paths))
+            if progress:
+                progress(n + 1, total)
+    return finalize_ingest(cfg, paths, plan, results)
