@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import numpy as np
 from medimg.config import IngestParams
 from medimg.data import manifest as manifest_io
 from medimg.data.labels import read_labels
-from medimg.dicom.deid import Pseudonymizer, load_or_create_salt
+from medimg.dicom.deid import Pseudonymizer, load_or_create_salt, write_deidentified
 from medimg.dicom.discover import Discovery, Instance, Rejection, discover
 from medimg.dicom.pixels import PixelDecodeError, read_stack
 from medimg.dicom.series import RESAMPLED, GeometryTolerance, Stack, assemble
@@ -64,6 +65,10 @@ class IngestPaths:
     @property
     def records(self) -> Path:
         return self.out / "records"
+
+    @property
+    def deid_dicom(self) -> Path:
+        return self.out / "dicom"
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,8 @@ def _fingerprint(stack: Stack, mask: Path | None, cfg: IngestParams, pseudo: Pse
         mode="json",
         include={
             "irregular",
+            "export_deid_dicom",
+            "allow_burned_in",
             "min_slices",
             "spacing_tolerance",
             "tilt_tolerance_deg",
@@ -181,7 +188,8 @@ def plan_ingest(cfg: IngestParams, paths: IngestPaths) -> Plan:
         tilt_deg=cfg.tilt_tolerance_deg,
         min_slices=cfg.min_slices,
     )
-    stacks, rejected = assemble(usable, tol)
+    damaged = {r.series_uid for r in plan.rejected if r.series_uid}
+    stacks, rejected = assemble(usable, tol, damaged)
     plan.rejected.extend(rejected)
     _check_strictness(cfg, plan.rejected, paths.input)
     for stack in stacks:
@@ -269,6 +277,8 @@ def ingest_stack(job: Job, cfg: IngestParams, paths: IngestPaths) -> StackResult
             lesion_voxels = int(mask.sum())
             save_nifti(mask, affine, paths.out / mask_rel, level=cfg.compression_level)
     save_nifti(volume, affine, paths.out / vol_rel, level=cfg.compression_level)
+    if cfg.export_deid_dicom:
+        _export_dicom(job, cfg, paths)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     sample = volume[::4, ::4, ::2]
     record = {
@@ -294,6 +304,20 @@ def ingest_stack(job: Job, cfg: IngestParams, paths: IngestPaths) -> StackResult
     return StackResult(record=record)
 
 
+def _export_dicom(job: Job, cfg: IngestParams, paths: IngestPaths) -> None:
+    """De-identified DICOM copies of the stack's files, with consistently remapped UIDs."""
+    pseudo = _pseudonymizer(cfg)
+    folder = paths.deid_dicom / job.key
+    files = list(dict.fromkeys(s.path for s in job.stack.slices))  # stack order, once each
+    for n, src in enumerate(files, start=1):
+        write_deidentified(
+            src, folder / f"{n:05d}.dcm", pseudo, patient_pseudonym=job.meta["patient"]
+        )
+    for extra in folder.glob("*.dcm"):
+        if int(extra.stem) > len(files):
+            extra.unlink()
+
+
 def finalize_ingest(
     cfg: IngestParams, paths: IngestPaths, plan: Plan, results: Iterable[StackResult]
 ) -> dict[str, Any]:
@@ -314,7 +338,7 @@ def finalize_ingest(
         rec["label"] = labels.get(rec["label_ref"])
     records.sort(key=lambda r: r["key"])
     keep = {r["key"] for r in records}
-    _remove_stale(paths, keep)
+    _remove_stale(paths, keep, cfg.export_deid_dicom)
     manifest_io.write_manifest(records, paths.out / "manifest.parquet")
     quarantine = manifest_io.write_quarantine(rejected, paths.input, paths.out / "quarantine.csv")
     summary = {
@@ -341,13 +365,21 @@ def finalize_ingest(
     return summary
 
 
-def _remove_stale(paths: IngestPaths, keep: set[str]) -> None:
-    for folder in (paths.volumes, paths.out_masks, paths.records):
+def _remove_stale(paths: IngestPaths, keep: set[str], export: bool) -> None:
+    """Delete outputs of series no longer present, and temporaries of a killed run."""
+    for folder in (paths.volumes, paths.out_masks, paths.records, paths.deid_dicom):
         if not folder.is_dir():
             continue
         for f in folder.iterdir():
             key = f.name.split(".")[0]
-            if f.name.startswith(".") or key not in keep:
+            stale = f.name.startswith(".") or key not in keep
+            if f.is_dir():
+                if stale or not export:
+                    shutil.rmtree(f)
+                else:
+                    for tmp in f.glob(".*"):
+                        tmp.unlink()
+            elif stale:
                 f.unlink()
 
 

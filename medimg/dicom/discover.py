@@ -40,6 +40,7 @@ class Rejection:
     path: Path
     reason: str  # a code: not_dicom, dicomdir, non_image, unreadable, missing_tag, ...
     detail: str = ""  # free text without PHI: the tag, the SOP class, the transfer syntax
+    series_uid: str = ""  # when known: the series this damaged file belonged to
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,22 @@ def _group_value(groups: Sequence[Dataset | None], seq: str, attr: str) -> Any:
     return None
 
 
+def _valid_orientation(o: tuple[float, ...] | None) -> tuple[float, ...] | None:
+    """Six direction cosines of two orthogonal unit vectors, else None."""
+    if o is None:
+        return None
+    row, col = o[:3], o[3:]
+    norms = (sum(v * v for v in row) ** 0.5, sum(v * v for v in col) ** 0.5)
+    dot = sum(a * b for a, b in zip(row, col, strict=True))
+    if any(abs(n - 1) > 1e-2 for n in norms) or abs(dot) > 1e-2:
+        return None
+    return o
+
+
+def _valid_spacing(s: tuple[float, ...] | None) -> tuple[float, ...] | None:
+    return s if s is not None and all(0 < v < 1e4 for v in s) else None
+
+
 def _frames(ds: Dataset, multiframe: bool) -> tuple[Frame, ...]:
     def scale(value: Any, default: float) -> float:
         try:
@@ -129,8 +146,8 @@ def _frames(ds: Dataset, multiframe: bool) -> tuple[Frame, ...]:
         return (
             Frame(
                 position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
-                orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-                spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+                orientation=_valid_orientation(_floats(ds.get("ImageOrientationPatient"), 6)),
+                spacing=_valid_spacing(_floats(ds.get("PixelSpacing"), 2)),  # type: ignore[arg-type]
                 slope=scale(ds.get("RescaleSlope"), 1.0),
                 intercept=scale(ds.get("RescaleIntercept"), 0.0),
             ),
@@ -146,11 +163,14 @@ def _frames(ds: Dataset, multiframe: bool) -> tuple[Frame, ...]:
                 position=_floats(  # type: ignore[arg-type]
                     _group_value(groups, "PlanePositionSequence", "ImagePositionPatient"), 3
                 ),
-                orientation=_floats(
-                    _group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
+                orientation=_valid_orientation(
+                    _floats(
+                        _group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient"),
+                        6,
+                    )
                 ),
-                spacing=_floats(  # type: ignore[arg-type]
-                    _group_value(groups, "PixelMeasuresSequence", "PixelSpacing"), 2
+                spacing=_valid_spacing(  # type: ignore[arg-type]
+                    _floats(_group_value(groups, "PixelMeasuresSequence", "PixelSpacing"), 2)
                 ),
                 slope=scale(
                     _group_value(groups, "PixelValueTransformationSequence", "RescaleSlope"), 1.0
@@ -173,6 +193,8 @@ def _is_dicomdir(ds: Dataset) -> bool:
 
 def read_header(path: Path) -> Instance | Rejection:
     """Read one file's header (no pixels) and classify it."""
+    if path.is_symlink():
+        return Rejection(path, "symlink", "symbolic link (not followed)")
     try:
         stat = path.stat()
         if stat.st_size == 0:
@@ -201,7 +223,8 @@ def _classify(path: Path, stat: os.stat_result, ds: Dataset) -> Instance | Rejec
         return Rejection(path, "non_image", f"not a CT or MR image: {name}")
     for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "Rows", "Columns", "BitsAllocated"):
         if ds.get(keyword) in (None, ""):
-            return Rejection(path, "missing_tag", f"{keyword} is missing")
+            series = str(ds.get("SeriesInstanceUID", "") or "")
+            return Rejection(path, "missing_tag", f"{keyword} is missing", series)
     multiframe = sop_class in {k for k, v in IMAGE_SOP_CLASSES.items() if "Enhanced" in v}
     frames = _frames(ds, multiframe)
     meta = getattr(ds, "file_meta", None)
@@ -235,12 +258,12 @@ def _classify(path: Path, stat: os.stat_result, ds: Dataset) -> Instance | Rejec
 
 
 def walk(root: Path) -> Iterator[Path]:
-    """Every regular file under ``root``, sorted, without following symbolic links."""
+    """Every file under ``root``, sorted; symbolic links are listed, never followed."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if path.is_file() and not path.is_symlink():
+            if path.is_symlink() or path.is_file():  # links are reported, never followed
                 yield path
 
 

@@ -28,7 +28,14 @@ DUPLICATE_POSITIONS = "duplicate_positions"
 MISSING_SLICES = "missing_slices"
 NONUNIFORM_SPACING = "nonuniform_spacing"
 GANTRY_TILT = "gantry_tilt"
-IRREGULAR_FLAGS = (DUPLICATE_POSITIONS, MISSING_SLICES, NONUNIFORM_SPACING, GANTRY_TILT)
+INCOMPLETE_SERIES = "incomplete_series"  # some of the series' images lack geometry
+IRREGULAR_FLAGS = (
+    DUPLICATE_POSITIONS,
+    MISSING_SLICES,
+    NONUNIFORM_SPACING,
+    GANTRY_TILT,
+    INCOMPLETE_SERIES,
+)
 # Informational flags: the stack is still used as it is.
 DUPLICATE_INSTANCES = "duplicate_instances"  # the same SOP instance twice (copied files)
 SPLIT_SERIES = "split_series"  # the series held several stacks
@@ -115,15 +122,19 @@ def _orientation_key(o: tuple[float, ...], tol: float) -> tuple[int, ...]:
 
 
 def group_stacks(
-    instances: Iterable[Instance], tol: GeometryTolerance
+    instances: Iterable[Instance], tol: GeometryTolerance, damaged: Iterable[str] = ()
 ) -> tuple[list[Stack], list[Rejection]]:
     """Group instances into candidate stacks; set aside localizers and slices without geometry.
+
+    Stacks of a series in ``damaged`` (series UIDs of files set aside as damaged) and of
+    a series some of whose images lack geometry are flagged ``incomplete_series``.
 
     Returns:
         Stacks (unsorted, unchecked) and rejections with typed reasons.
     """
     rejected: list[Rejection] = []
     by_series: dict[str, list[Slice]] = defaultdict(list)
+    incomplete: set[str] = set(damaged)
     for inst in instances:
         if "LOCALIZER" in inst.image_type:
             rejected.append(Rejection(inst.path, "localizer", "ImageType LOCALIZER"))
@@ -144,6 +155,7 @@ def group_stacks(
             }
             what = ", ".join(tags[m] for m in missing) or "frames"
             rejected.append(Rejection(inst.path, "missing_geometry", f"{what} missing or invalid"))
+            incomplete.add(inst.series_uid)
             continue
         by_series[inst.series_uid].extend(Slice(inst, f) for f in inst.frames)
 
@@ -164,6 +176,9 @@ def group_stacks(
             stack = Stack(series_uid, part, len(order), parts[signature])
             if len(order) > 1:
                 stack.flags.append(SPLIT_SERIES)
+            if series_uid in incomplete:
+                stack.flags.append(INCOMPLETE_SERIES)
+                stack.detail = "images of this series without usable geometry were set aside"
             stacks.append(stack)
     return stacks, rejected
 
@@ -187,24 +202,31 @@ def check_stack(stack: Stack, tol: GeometryTolerance) -> None:
     along = p @ normal
     gaps = np.diff(along)
     details = []
-    spacing = float(np.median(gaps))
-    if np.any(gaps <= max(1e-3, 1e-3 * abs(spacing))):
+    real = gaps[gaps > 1e-3]
+    if len(real) < len(gaps):
         stack.flags.append(DUPLICATE_POSITIONS)
-        details.append(f"{int(np.sum(gaps <= 1e-3))} slices share a position")
-        spacing = float(np.median(gaps[gaps > 1e-3])) if np.any(gaps > 1e-3) else 0.0
-    if spacing > 0:
-        dev = np.abs(gaps - spacing) / spacing
-        bad = dev > tol.spacing_rel
-        ratio = gaps / spacing
-        multiples = bad & (np.abs(ratio - np.round(ratio)) < tol.spacing_rel) & (ratio > 1.5)
-        if np.any(multiples):
+        details.append(f"{len(gaps) - len(real)} slices share a position with another")
+    if len(real):
+        # The regular spacing: the median gap, or else the smallest (a missing slice in a
+        # short stack pulls the median off).
+        for spacing in (float(np.median(real)), float(real.min())):
+            ratio = real / spacing
+            if np.all(np.abs(ratio - np.round(ratio)) <= tol.spacing_rel * np.round(ratio)):
+                break
+        else:
+            spacing = float(np.median(real))
+            ratio = real / spacing
+        off_grid = np.abs(ratio - np.round(ratio)) > tol.spacing_rel * np.maximum(
+            np.round(ratio), 1
+        )
+        skipped = ~off_grid & (np.round(ratio) >= 2)
+        if np.any(skipped):
             stack.flags.append(MISSING_SLICES)
-            details.append(f"{int(np.sum(np.round(ratio[multiples]) - 1))} slices missing")
-        if np.any(bad & ~multiples & (gaps > 1e-3)):
+            details.append(f"{int(np.sum(np.round(ratio[skipped]) - 1))} slices missing")
+        if np.any(off_grid):
             stack.flags.append(NONUNIFORM_SPACING)
             details.append(
-                f"gaps from {gaps[gaps > 1e-3].min():.3g} to {gaps.max():.3g} mm"
-                f" (median {spacing:.3g})"
+                f"gaps from {real.min():.3g} to {real.max():.3g} mm (regular {spacing:.3g})"
             )
     step = p[-1] - p[0]
     norm = float(np.linalg.norm(step))
@@ -213,14 +235,14 @@ def check_stack(stack: Stack, tol: GeometryTolerance) -> None:
         if angle > tol.tilt_deg:
             stack.flags.append(GANTRY_TILT)
             details.append(f"slices sheared by {angle:.2f} degrees")
-    stack.detail = "; ".join(details)
+    stack.detail = "; ".join(filter(None, [stack.detail, *details]))
 
 
 def assemble(
-    instances: Iterable[Instance], tol: GeometryTolerance
+    instances: Iterable[Instance], tol: GeometryTolerance, damaged: Iterable[str] = ()
 ) -> tuple[list[Stack], list[Rejection]]:
     """Group, sort and check stacks. Groups too small to form a volume are rejected."""
-    stacks, rejected = group_stacks(instances, tol)
+    stacks, rejected = group_stacks(instances, tol, damaged)
     kept: list[Stack] = []
     for stack in stacks:
         check_stack(stack, tol)

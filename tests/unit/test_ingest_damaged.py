@@ -1,0 +1,235 @@
+"""A corpus of damaged input: every variant ends in quarantine or a named QC flag, and
+the good series beside them are ingested exactly as without them."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from medimg.dicom.deid import Pseudonymizer, load_or_create_salt
+from tests.conftest import Cohort
+from tests.unit.test_ingest import run_ingest
+
+CT = Path(get_testdata_file("CT_small.dcm"))
+
+
+def series(folder: Path, n: int = 3, src: Path = CT, **changes: object) -> list[Path]:
+    """A clean n-slice series (fresh UIDs, 5 mm apart) made from one real CT image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    uid = generate_uid()
+    paths = []
+    for k in range(n):
+        ds = pydicom.dcmread(src)
+        ds.SeriesInstanceUID = uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.ImagePositionPatient = [0.0, 0.0, 5.0 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.InstanceNumber = k + 1
+        for key, value in changes.items():
+            setattr(ds, key, value)
+        path = folder / f"IM{k}"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def edit(path: Path, fn: Callable[[Dataset], None]) -> None:
+    ds = pydicom.dcmread(path)
+    fn(ds)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def delete(keyword: str) -> Callable[[Dataset], None]:
+    return lambda ds: delattr(ds, keyword)
+
+
+def setval(keyword: str, value: object) -> Callable[[Dataset], None]:
+    return lambda ds: setattr(ds, keyword, value)
+
+
+def non_image(folder: Path, sop_class: str, modality: str) -> None:
+    folder.mkdir(parents=True)
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.SeriesInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = modality
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
+        sop_class,
+        ds.SOPInstanceUID,
+    )
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(folder / "obj", enforce_file_format=True)
+
+
+def dicomdir_with_traversal(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    ds = Dataset()
+    ds.FileSetID = "EXPORT"
+    record = Dataset()
+    record.DirectoryRecordType = "IMAGE"
+    record.ReferencedFileID = ["..", "..", "..", "etc", "passwd"]
+    ds.DirectoryRecordSequence = Sequence([record])
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(folder / "DICOMDIR", enforce_file_format=True)
+
+
+def encapsulated(ds: Dataset, transfer_syntax: str) -> None:
+    ds.PixelData = encapsulate([ds.PixelData])
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+
+
+def truncate(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def overwrite(path: Path, offset: int, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+def build_corpus(root: Path) -> dict[str, set[str]]:
+    """Write every variant under root/<name>/; return name -> acceptable outcomes
+    (quarantine reasons or manifest QC flags)."""
+    v: dict[str, set[str]] = {}
+
+    def add(name: str, outcomes: set[str]) -> Path:
+        v[name] = outcomes
+        return root / name
+
+    (add("zero_byte", {"not_dicom"}) / "f").parent.mkdir(parents=True)
+    (root / "zero_byte" / "f").write_bytes(b"")
+    add("text_file", {"not_dicom"}).mkdir(parents=True)
+    (root / "text_file" / "README.txt").write_text("exported by PACS\n")
+    add("random_bytes", {"not_dicom"}).mkdir(parents=True)
+    (root / "random_bytes" / "blob").write_bytes(os.urandom(4096))
+    add("png", {"not_dicom"}).mkdir(parents=True)
+    (root / "png" / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    # cut inside the header: pydicom reads what is there, so required tags are missing
+    p = series(add("truncated_header", {"not_dicom", "unreadable", "missing_tag"}))  # fmt: skip
+    truncate(p[1], 0.05)
+    p = series(add("truncated_pixels", {"unreadable", "pixel_decode", "series_incomplete"}))
+    truncate(p[1], 0.8)
+    p = series(add("no_preamble", {"not_dicom"}), n=1)
+    p[0].write_bytes(p[0].read_bytes()[132:])  # strip preamble and 'DICM'
+    p = series(add("no_file_meta", {"not_dicom", "unreadable", "no_stack"}), n=1)
+    ds = pydicom.dcmread(p[0])
+    del ds.file_meta
+    pydicom.dcmwrite(p[0], ds, implicit_vr=True, little_endian=True)
+    for kw, reason in (("ImagePositionPatient", "missing_geometry"),
+                       ("ImageOrientationPatient", "missing_geometry"),
+                       ("PixelSpacing", "missing_geometry"),
+                       ("Rows", "missing_tag"), ("SOPInstanceUID", "missing_tag")):  # fmt: skip
+        p = series(add(f"missing_{kw}", {reason, "incomplete_series"}))
+        edit(p[1], delete(kw))
+    p = series(add("missing_series_uid", {"missing_tag", "missing_slices"}))
+    edit(p[1], delete("SeriesInstanceUID"))
+    p = series(add("position_not_numbers", {"missing_geometry", "incomplete_series"}))
+    raw = p[0].read_bytes()
+    at = raw.index(b"\x20\x00\x32\x00DS")  # (0020,0032) ImagePositionPatient
+    length = int.from_bytes(raw[at + 6 : at + 8], "little")
+    overwrite(p[0], at + 8, b"a\\b\\c".ljust(length, b" "))
+    p = series(add("orientation_5_values", {"missing_geometry", "incomplete_series"}))
+    edit(p[0], setval("ImageOrientationPatient", [1, 0, 0, 0, 1]))
+    p = series(add("orientation_not_orthogonal", {"missing_geometry", "incomplete_series"}))
+    edit(p[2], setval("ImageOrientationPatient", [1, 0, 0, 1, 0, 0]))
+    p = series(add("zero_pixel_spacing", {"missing_geometry", "incomplete_series"}))
+    edit(p[0], setval("PixelSpacing", [0, 0]))
+    p = series(add("mixed_matrix", {"no_stack", "split_series"}), n=4)
+    edit(p[3], lambda ds: (setattr(ds, "Rows", 64), setattr(ds, "Columns", 32)))
+    p = series(add("duplicate_instance", {"duplicate_instances"}))
+    shutil.copy(p[1], p[1].with_name("IM1_copy"))
+    p = series(add("duplicate_position", {"duplicate_positions"}))
+    edit(p[2], setval("ImagePositionPatient", [0.0, 0.0, 5.0]))
+    p = series(add("missing_middle_slice", {"missing_slices"}), n=4)
+    p[2].unlink()
+    p = series(add("uneven_spacing", {"nonuniform_spacing"}), n=4)
+    edit(p[3], setval("ImagePositionPatient", [0.0, 0.0, 17.0]))
+    p = series(add("gantry_tilt", {"gantry_tilt"}), n=4)
+    for k, path in enumerate(p):
+        edit(path, setval("ImagePositionPatient", [0.0, 2.0 * k, 5.0 * k]))
+    for name, ts in (("unsupported_transfer_syntax", "1.2.840.10008.1.2.4.100"),  # MPEG2
+                     ("unknown_transfer_syntax", "1.2.999.1")):  # fmt: skip
+        p = series(add(name, {"pixel_decode", "unreadable", "series_incomplete"}))
+        for path in p:
+            edit(path, lambda ds, ts=ts: encapsulated(ds, ts))
+    p = series(add("pixel_length_mismatch", {"pixel_decode", "series_incomplete"}))
+    for path in p:
+        edit(path, setval("Rows", 256))
+    p = series(add("rgb_image", {"unsupported_pixels"}))
+    for path in p:
+        edit(path, setval("PhotometricInterpretation", "RGB"))
+    series(add("burned_in", {"burned_in_annotation"}), BurnedInAnnotation="YES")
+    series(add("localizer", {"localizer"}), ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    series(add("single_slice", {"no_stack"}), n=1)
+    dicomdir_with_traversal(add("dicomdir_traversal", {"dicomdir"}))
+    non_image(add("structured_report", {"non_image"}), "1.2.840.10008.5.1.4.1.1.88.11", "SR")
+    non_image(add("rtstruct", {"non_image"}), "1.2.840.10008.5.1.4.1.1.481.3", "RTSTRUCT")
+    non_image(add("presentation_state", {"non_image"}), "1.2.840.10008.5.1.4.1.1.11.1", "PR")
+    series(add("secondary_capture", {"non_image"}), SOPClassUID="1.2.840.10008.5.1.4.1.1.7")
+    p = series(add("huge_declared_length", {"unreadable", "not_dicom", "missing_tag",
+                                             "series_incomplete", "pixel_decode"}))  # fmt: skip
+    raw = p[0].read_bytes()
+    at = raw.index(b"\x08\x00\x60\x00")  # (0008,0060) Modality: CS, 2-byte length
+    overwrite(p[0], at + 6, b"\xff\xff")
+    p = series(add("bit_flips", {"unreadable", "not_dicom", "missing_tag", "missing_geometry",
+                                  "incomplete_series", "series_incomplete", "pixel_decode",
+                                  "non_image", "no_stack", "missing_slices"}))  # fmt: skip
+    overwrite(p[1], 140, bytes(b ^ 0xFF for b in p[1].read_bytes()[140:400]))
+    add("symlink_outside", {"symlink"}).mkdir(parents=True)
+    (root / "symlink_outside" / "link").symlink_to("/etc/hostname")
+    return v
+
+
+@pytest.mark.slow
+def test_damaged_corpus(tiny_cohort: Cohort, tmp_path: Path) -> None:
+    clean_out, salt = tmp_path / "clean", tmp_path / "salt"
+    run_ingest(tiny_cohort.raw, clean_out, salt)
+    clean = pd.read_parquet(clean_out / "manifest.parquet")
+
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_cohort.raw, raw / "good")
+    expected = build_corpus(raw / "bad")
+    assert len(expected) >= 30
+    summary = run_ingest(raw, tmp_path / "out", salt)
+
+    # the good series are untouched by their neighbours
+    m = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    good = m[m["key"].isin(clean["key"])]
+    assert sorted(good["content_hash"]) == sorted(clean["content_hash"])
+
+    with (tmp_path / "out" / "quarantine.csv").open() as f:
+        quarantine = list(csv.DictReader(f))
+    assert not [q for q in quarantine if q["file"].startswith("good/")]
+    pseudo = Pseudonymizer(load_or_create_salt(salt))
+    flags_by_key = {r["key"].split("-")[0]: set(r["flags"]) for _, r in m.iterrows()}
+    for name, outcomes in expected.items():
+        reasons = {q["reason"] for q in quarantine if q["file"].split("/")[1] == name}
+        flags: set[str] = set()
+        for f in (raw / "bad" / name).iterdir():
+            try:
+                uid = pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID
+            except Exception:
+                continue
+            flags |= flags_by_key.get(pseudo.key("series", str(uid)), set())
+        seen = reasons | flags
+        assert seen, f"{name}: neither quarantined nor flagged"
+        assert seen <= outcomes, f"{name}: got {seen}, expected some of {outcomes}"
+    assert summary["n_stacks"] == len(m)
