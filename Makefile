@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/medimg synth
+	$(BIN)/medimg ingest
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -103,7 +103,8 @@ class IngestParams(StrictModel):
     allow_burned_in: bool = False  # ingest images flagged BurnedInAnnotation = YES
     compress: bool = True  # write .nii.gz (gzip) rather than .nii
     compression_level: int = Field(1, ge=1, le=9)  # gzip level: 1 is fast, 9 is small
-    workers: int = Field(1, ge=1)  # series processed in parallel (threads)
+    workers: int = Field(1, ge=1)  # series processed in parallel
+    runner: Literal["threads", "processes"] = "threads"  # Prefect task runner of the flow
     salt_file: Path = Path(".medimg-salt")  # secret key of the pseudonyms; never in git
     export_deid_dicom: bool = False  # also write de-identified DICOM copies
 

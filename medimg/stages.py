@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medimg.config import Params
+from medimg.config import IngestParams, Params
 from medimg.dicom.synth import Progress
 
 if TYPE_CHECKING:
@@ -57,7 +57,12 @@ def ingest(
     """DICOM folder to de-identified volumes, masks, manifest, QC report and quarantine."""
     from medimg.ingest import ingest as run
 
+    return run(ingest_params(params, root), ingest_paths(params, root), progress)
+
+
+def ingest_params(params: Params, root: Path = Path(".")) -> IngestParams:
+    """The ingest section, with the salt file resolved against ``root``."""
     cfg = params.ingest
     if not cfg.salt_file.is_absolute():
         cfg = cfg.model_copy(update={"salt_file": root / cfg.salt_file})
-    return run(cfg, ingest_paths(params, root), progress)
+    return cfg

@@ -1,0 +1,99 @@
+"""Prefect flow for the ingest stage: one task per series, thin over ``medimg.ingest``.
+
+The flow reads like the stage: plan (walk and check the folder), map ``ingest_stack`` over
+the stacks that need work, finalize (labels, manifest, QC). Tasks hold identifiers in
+memory only: results are not persisted and inputs are not hashed into cache keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NONE
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+from medimg import stages
+from medimg.config import IngestParams, Params, load_params
+from medimg.ingest import (
+    IngestPaths,
+    Job,
+    Plan,
+    StackResult,
+    finalize_ingest,
+    ingest_stack,
+    plan_ingest,
+)
+
+
+def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transient I/O failures (storage, network file systems), not bad data."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+IO_TASK = {
+    "retries": 2,
+    "retry_delay_seconds": [5, 30],
+    "retry_condition_fn": retry_on_io,
+    "cache_policy": NONE,
+    "persist_result": False,
+}
+
+
+@task(name="plan-ingest", **IO_TASK)
+def plan_task(cfg: IngestParams, paths: IngestPaths) -> Plan:
+    return plan_ingest(cfg, paths)
+
+
+@task(name="ingest-series", task_run_name="ingest-{job.key}", **IO_TASK)
+def series_task(job: Job, cfg: IngestParams, paths: IngestPaths) -> StackResult:
+    return ingest_stack(job, cfg, paths)
+
+
+@task(name="finalize-ingest", **IO_TASK)
+def finalize_task(
+    cfg: IngestParams, paths: IngestPaths, plan: Plan, results: list[StackResult]
+) -> dict[str, Any]:
+    return finalize_ingest(cfg, paths, plan, results)
+
+
+def task_runner(kind: str, workers: int) -> ThreadPoolTaskRunner | ProcessPoolTaskRunner:
+    """The task runner named in params: threads (default) or processes."""
+    if kind == "processes":
+        return ProcessPoolTaskRunner(max_workers=workers)
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+@flow(name="ingest", log_prints=False)
+def ingest_flow(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+    """DICOM folder to volumes and manifest, one task per series."""
+    logger = get_run_logger()
+    cfg = stages.ingest_params(params, root)
+    paths = stages.ingest_paths(params, root)
+    plan = plan_task(cfg, paths)
+    logger.info("%d stacks to ingest, %d unchanged", len(plan.jobs), len(plan.reused))
+    futures = series_task.map(plan.jobs, cfg=unmapped(cfg), paths=unmapped(paths))
+    results = [f.result() for f in futures]
+    summary = finalize_task(cfg, paths, plan, results)
+    logger.info(
+        "%d volumes, %d files quarantined", summary["n_stacks"], summary["n_quarantined_files"]
+    )
+    return summary
+
+
+def run(params_file: Path = Path("params.yaml"), root: Path = Path(".")) -> dict[str, Any]:
+    """Run the flow with the task runner and worker count from params."""
+    params = load_params(params_file)
+    runner = task_runner(params.ingest.runner, params.ingest.workers)
+    return ingest_flow.with_options(task_runner=runner)(params, root)
+
+
+if __name__ == "__main__":
+    run()
