@@ -102,8 +102,8 @@ class IngestParams(StrictModel):
     tilt_tolerance_deg: float = Field(0.1, gt=0)  # max shear of a stack, degrees
     allow_burned_in: bool = False  # ingest images flagged BurnedInAnnotation = YES
     compress: bool = True  # write .nii.gz (gzip) rather than .nii
-    compression_level: int = Field(1, ge=1, le=9)  # gzip level: 1 is fast, 9 is small
-    workers: int = Field(1, ge=1)  # series processed in parallel
+    compression_level: int = Field(6, ge=1, le=9)  # gzip level: 1 is fast, 9 is small
+    workers: int = Field(0, ge=0)  # parallel header reads and series; 0: one per CPU core
     runner: Literal["threads", "processes"] = "threads"  # Prefect task runner of the flow
     salt_file: Path = Path(".medimg-salt")  # secret key of the pseudonyms; never in git
     export_deid_dicom: bool = False  # also write de-identified DICOM copies

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,7 +170,7 @@ def plan_ingest(cfg: IngestParams, paths: IngestPaths) -> Plan:
     if not paths.input.is_dir():
         raise DicomError(f"{paths.input}: input folder not found (set data.raw or pass INPUT_DIR)")
     pseudo = _pseudonymizer(cfg)
-    found: Discovery = discover(paths.input)
+    found: Discovery = discover(paths.input, workers(cfg))
     plan = Plan(rejected=list(found.rejected), n_files=found.n_files)
     usable: list[Instance] = []
     for inst in found.instances:
@@ -241,15 +243,23 @@ def _check_strictness(cfg: IngestParams, rejected: Iterable[Rejection], root: Pa
             )
 
 
-def ingest_stack(job: Job, cfg: IngestParams, paths: IngestPaths) -> StackResult:
-    """Write one stack's volume (and mask) and its record; or reject it with reasons."""
+def workers(cfg: IngestParams) -> int:
+    """Worker count: ``cfg.workers``, or one per CPU core when it is 0."""
+    return cfg.workers or os.cpu_count() or 1
+
+
+def ingest_stack(job: Job, cfg: IngestParams, paths: IngestPaths, threads: int = 1) -> StackResult:
+    """Write one stack's volume (and mask) and its record; or reject it with reasons.
+
+    ``threads`` read and compress the volume side by side (the bytes do not depend on it).
+    """
     stack = job.stack
     if stack.irregular and cfg.irregular == "reject":
         reason = stack.irregular[0]
         detail = f"series {job.key}: {', '.join(stack.irregular)}: {stack.detail}"
         return StackResult(rejected=[Rejection(s.path, reason, detail) for s in stack.slices])
     try:
-        pixels = read_stack(stack)
+        pixels = read_stack(stack, threads)
     except PixelDecodeError as e:
         rejected = [Rejection(e.path, e.reason, e.detail)]
         rejected += [
@@ -276,11 +286,14 @@ def ingest_stack(job: Job, cfg: IngestParams, paths: IngestPaths) -> StackResult
             mask_rel = f"masks/{job.key}{ext}"
             lesion_voxels = int(mask.sum())
             save_nifti(mask, affine, paths.out / mask_rel, level=cfg.compression_level)
-    save_nifti(volume, affine, paths.out / vol_rel, level=cfg.compression_level)
+    with ThreadPoolExecutor(1) as pool:  # hash while writing: both release the GIL
+        digest = pool.submit(content_hash, volume, affine)
+        save_nifti(volume, affine, paths.out / vol_rel, cfg.compression_level, threads)
+        volume_hash = digest.result()
     if cfg.export_deid_dicom:
         _export_dicom(job, cfg, paths)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    sample = volume[::4, ::4, ::2]
+    p01, p99 = np.percentile(volume[::8, ::8, ::2], [1, 99])  # a sample is enough
     record = {
         "key": job.key,
         **job.meta,
@@ -295,9 +308,9 @@ def ingest_stack(job: Job, cfg: IngestParams, paths: IngestPaths) -> StackResult
         "volume": vol_rel,
         "mask": mask_rel,
         "lesion_voxels": lesion_voxels,
-        "intensity_p01": round(float(np.percentile(sample, 1)), 3),
-        "intensity_p99": round(float(np.percentile(sample, 99)), 3),
-        "content_hash": content_hash(volume, affine),
+        "intensity_p01": round(float(p01), 3),
+        "intensity_p99": round(float(p99), 3),
+        "content_hash": volume_hash,
         "fingerprint": job.fingerprint,
     }
     atomic_write_text(paths.records / f"{job.key}.json", json.dumps(record, sort_keys=True))
@@ -386,21 +399,25 @@ def _remove_stale(paths: IngestPaths, keep: set[str], export: bool) -> None:
 def ingest(
     cfg: IngestParams, paths: IngestPaths, progress: Progress | None = None
 ) -> dict[str, Any]:
-    """Run the whole stage in this process (threads when ``cfg.workers`` > 1)."""
+    """Run the whole stage in this process: series in threads, the cores shared out."""
     plan = plan_ingest(cfg, paths)
-    results: list[StackResult] = []
     total = len(plan.jobs)
-    if cfg.workers > 1 and total > 1:
-        from concurrent.futures import ThreadPoolExecutor
+    n = min(workers(cfg), max(total, 1))
+    threads = max(1, workers(cfg) // n)  # cores left over read and compress each volume
 
-        with ThreadPoolExecutor(cfg.workers) as pool:
-            for n, res in enumerate(pool.map(lambda j: ingest_stack(j, cfg, paths), plan.jobs)):
+    def one(job: Job) -> StackResult:
+        return ingest_stack(job, cfg, paths, threads)
+
+    results: list[StackResult] = []
+    if n > 1:
+        with ThreadPoolExecutor(n) as pool:
+            for res in pool.map(one, plan.jobs):
                 results.append(res)
                 if progress:
-                    progress(n + 1, total)
+                    progress(len(results), total)
     else:
-        for n, job in enumerate(plan.jobs):
-            results.append(ingest_stack(job, cfg, paths))
+        for job in plan.jobs:
+            results.append(one(job))
             if progress:
-                progress(n + 1, total)
+                progress(len(results), total)
     return finalize_ingest(cfg, paths, plan, results)

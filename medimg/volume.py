@@ -7,7 +7,6 @@ through a temporary file and a rename.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
+from zlib_ng import gzip_ng
 
 from medimg.dicom.geometry import direction_cosines, lps_affine, ras_affine
 from medimg.dicom.series import GANTRY_TILT, Stack
@@ -70,34 +70,61 @@ def _uniform(stack: Stack, pixels: FloatArray) -> tuple[FloatArray, FloatArray]:
     return out, lps_affine(stack.orientation, stack.pixel_spacing, p[0], normal * spacing)
 
 
+def _nifti_order_bytes(volume: npt.NDArray) -> memoryview:
+    """The voxels as NIfTI stores them (i fastest), without a copy when possible."""
+    return np.ascontiguousarray(np.asfortranarray(volume).T).data.cast("B")
+
+
 def content_hash(volume: npt.NDArray, affine: FloatArray) -> str:
-    """SHA-256 of voxel values (in NIfTI order), dtype and affine rounded to 1e-4 mm."""
+    """SHA-256 of voxel values (in NIfTI order), dtype, shape and affine rounded to 1e-4 mm."""
     h = hashlib.sha256()
     h.update(str(volume.dtype).encode())
     h.update(np.asarray(volume.shape, dtype=np.int64).tobytes())
-    h.update(np.asfortranarray(volume).tobytes(order="F"))
+    h.update(_nifti_order_bytes(volume))
     h.update(np.round(affine, 4).astype(np.float64).tobytes())
     return h.hexdigest()
 
 
-def save_nifti(volume: npt.NDArray, affine: FloatArray, path: Path, level: int = 1) -> None:
+GZIP_CHUNK = 8 << 20  # bytes of voxels per gzip member when compressing in parallel
+
+
+def save_nifti(
+    volume: npt.NDArray, affine: FloatArray, path: Path, level: int = 1, threads: int = 1
+) -> None:
     """Write NIfTI-1 atomically, qform and sform both set (scanner code).
 
     ``.nii.gz`` paths are gzip-compressed at ``level`` with a zero timestamp, so equal
-    content gives equal bytes.
+    content gives equal bytes. The voxels are compressed in chunks, each a gzip member of
+    its own (valid gzip, as pigz writes it), ``threads`` of them side by side.
     """
     img = nib.Nifti1Image(volume, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header["descrip"] = b"medimg"
-    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
-        if str(path).endswith(".gz"):
-            with gzip.GzipFile(
-                filename="", mode="wb", fileobj=raw, compresslevel=level, mtime=0
-            ) as gz:
-                img.to_stream(gz)
+    img.header.set_data_offset(352)
+    head = img.header.binaryblock + b"\0" * 4  # 348-byte header, empty extension flag
+    data = _nifti_order_bytes(np.asarray(volume, dtype=img.header.get_data_dtype()))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        if not str(path).endswith(".gz"):
+            f.write(head)
+            f.write(data)
+            return
+        chunks = [head] + [data[i : i + GZIP_CHUNK] for i in range(0, len(data), GZIP_CHUNK)]
+
+        def pack(chunk: bytes | memoryview) -> bytes:
+            # zlib-ng: same gzip format, about 5x faster than zlib at level 6
+            return bytes(gzip_ng.compress(chunk, compresslevel=level, mtime=0))
+
+        # The members are the same however many threads compress them: equal bytes.
+        if threads > 1 and len(chunks) > 2:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads) as pool:  # zlib releases the GIL
+                for member in pool.map(pack, chunks):
+                    f.write(member)
         else:
-            img.to_stream(raw)
+            for chunk in chunks:
+                f.write(pack(chunk))
 
 
 def align_mask(

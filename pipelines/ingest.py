@@ -24,6 +24,7 @@ from medimg.ingest import (
     finalize_ingest,
     ingest_stack,
     plan_ingest,
+    workers,
 )
 
 
@@ -91,7 +92,7 @@ def ingest_flow(params: Params, root: Path = Path(".")) -> dict[str, Any]:
 def run(params_file: Path = Path("params.yaml"), root: Path = Path(".")) -> dict[str, Any]:
     """Run the flow with the task runner and worker count from params."""
     params = load_params(params_file)
-    runner = task_runner(params.ingest.runner, params.ingest.workers)
+    runner = task_runner(params.ingest.runner, workers(params.ingest))
     return ingest_flow.with_options(task_runner=runner)(params, root)
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
@@ -93,6 +96,54 @@ class Instance:
         }
 
 
+class _Header:
+    """Fast access to a header's plain values.
+
+    pydicom converts a raw element on first access, which dominates a header scan.
+    Values of the simple VRs read here (UI, CS, DS, IS, US) are decoded straight from
+    their bytes; everything else (text that depends on the character set, sequences)
+    goes through pydicom.
+    """
+
+    FAST_VRS = frozenset({"UI", "CS", "DS", "IS", "US"})
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        tag = _TAGS.get(keyword)
+        if tag is None:
+            tag = _TAGS[keyword] = tag_for_keyword(keyword)
+        try:
+            elem = self.ds.get_item(tag)  # type: ignore[arg-type]
+        except KeyError:
+            return default
+        if elem is None:
+            return default
+        if not isinstance(elem, RawDataElement):
+            return self.ds.get(keyword, default)
+        vr = elem.VR or dictionary_VR(tag)
+        if vr not in self.FAST_VRS or elem.value is None:
+            return self.ds.get(keyword, default)
+        raw: bytes = elem.value
+        if vr == "US":
+            if len(raw) < 2:
+                return default
+            fmt = "<H" if elem.is_little_endian else ">H"
+            return struct.unpack(fmt, raw[:2])[0]
+        text = raw.decode("latin-1").strip("\x00 ")
+        if not text:
+            return default
+        parts = [t.strip() for t in text.split("\\")]
+        if vr == "IS":
+            return int(float(parts[0])) if len(parts) == 1 else [int(float(v)) for v in parts]
+        return parts[0] if len(parts) == 1 and keyword not in _MULTI else parts
+
+
+_TAGS: dict[str, int | None] = {}
+_MULTI = {"ImageType", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"}
+
+
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     if value is None:
         return None
@@ -143,13 +194,14 @@ def _frames(ds: Dataset, multiframe: bool) -> tuple[Frame, ...]:
             return default
 
     if not multiframe:
+        h = _Header(ds)
         return (
             Frame(
-                position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
-                orientation=_valid_orientation(_floats(ds.get("ImageOrientationPatient"), 6)),
-                spacing=_valid_spacing(_floats(ds.get("PixelSpacing"), 2)),  # type: ignore[arg-type]
-                slope=scale(ds.get("RescaleSlope"), 1.0),
-                intercept=scale(ds.get("RescaleIntercept"), 0.0),
+                position=_floats(h.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+                orientation=_valid_orientation(_floats(h.get("ImageOrientationPatient"), 6)),
+                spacing=_valid_spacing(_floats(h.get("PixelSpacing"), 2)),  # type: ignore[arg-type]
+                slope=scale(h.get("RescaleSlope"), 1.0),
+                intercept=scale(h.get("RescaleIntercept"), 0.0),
             ),
         )
     shared = _item(ds, "SharedFunctionalGroupsSequence")
@@ -211,48 +263,49 @@ def read_header(path: Path) -> Instance | Rejection:
 
 
 def _classify(path: Path, stat: os.stat_result, ds: Dataset) -> Instance | Rejection:
+    h = _Header(ds)
     if _is_dicomdir(ds):
         return Rejection(
             path, "dicomdir", "DICOMDIR index (not followed; files are found by walking)"
         )
     sop_class = str(
-        ds.get("SOPClassUID", "") or getattr(ds.file_meta, "MediaStorageSOPClassUID", "")
+        h.get("SOPClassUID", "") or getattr(ds.file_meta, "MediaStorageSOPClassUID", "")
     )
     if sop_class not in IMAGE_SOP_CLASSES:
         name = UID(sop_class).name if sop_class else "no SOPClassUID"
         return Rejection(path, "non_image", f"not a CT or MR image: {name}")
     for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "Rows", "Columns", "BitsAllocated"):
-        if ds.get(keyword) in (None, ""):
-            series = str(ds.get("SeriesInstanceUID", "") or "")
+        if h.get(keyword) in (None, ""):
+            series = str(h.get("SeriesInstanceUID", "") or "")
             return Rejection(path, "missing_tag", f"{keyword} is missing", series)
     multiframe = sop_class in {k for k, v in IMAGE_SOP_CLASSES.items() if "Enhanced" in v}
     frames = _frames(ds, multiframe)
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    instance_number = ds.get("InstanceNumber")
+    instance_number = h.get("InstanceNumber")
     return Instance(
         path=path,
         size=stat.st_size,
         mtime_ns=stat.st_mtime_ns,
         sop_class=sop_class,
-        sop_uid=str(ds.SOPInstanceUID),
-        series_uid=str(ds.SeriesInstanceUID),
-        study_uid=str(ds.get("StudyInstanceUID", "")),
+        sop_uid=str(h.get("SOPInstanceUID")),
+        series_uid=str(h.get("SeriesInstanceUID")),
+        study_uid=str(h.get("StudyInstanceUID", "")),
         patient_id=str(ds.get("PatientID", "")),
         accession=str(ds.get("AccessionNumber", "")),
-        modality=str(ds.get("Modality", "")),
+        modality=str(h.get("Modality", "")),
         manufacturer=str(ds.get("Manufacturer", "")),
-        image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or [])),
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
-        bits_allocated=int(ds.BitsAllocated),
-        bits_stored=int(ds.get("BitsStored") or ds.BitsAllocated),
-        pixel_representation=int(ds.get("PixelRepresentation") or 0),
-        samples=int(ds.get("SamplesPerPixel") or 1),
-        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
+        image_type=tuple(str(v).upper() for v in (h.get("ImageType") or [])),
+        rows=int(h.get("Rows")),
+        columns=int(h.get("Columns")),
+        bits_allocated=int(h.get("BitsAllocated")),
+        bits_stored=int(h.get("BitsStored") or h.get("BitsAllocated")),
+        pixel_representation=int(h.get("PixelRepresentation") or 0),
+        samples=int(h.get("SamplesPerPixel") or 1),
+        photometric=str(h.get("PhotometricInterpretation", "MONOCHROME2")),
         transfer_syntax=ts,
         instance_number=int(instance_number) if instance_number not in (None, "") else None,
-        burned_in=str(ds.get("BurnedInAnnotation", "")).upper() == "YES",
+        burned_in=str(h.get("BurnedInAnnotation", "")).upper() == "YES",
         frames=frames,
     )
 
@@ -275,18 +328,22 @@ class Discovery:
 
 
 def discover(root: Path, workers: int = 1) -> Discovery:
-    """Classify every file under ``root`` (header-only reads, optionally in threads)."""
+    """Classify every file under ``root`` (header-only reads; ``workers`` processes)."""
     paths = list(walk(Path(root)))
     found = Discovery(n_files=len(paths))
-    if workers > 1:
-        from concurrent.futures import ThreadPoolExecutor
+    if workers > 1 and len(paths) >= 64 * workers:  # a pool pays off on larger folders
+        from concurrent.futures import ProcessPoolExecutor
 
-        with ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(read_header, paths, chunksize=64))
+        chunk = max(1, len(paths) // (workers * 4))
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(read_header, paths, chunksize=chunk))
     else:
         results = [read_header(p) for p in paths]
     for r in results:
-        (found.rejected if isinstance(r, Rejection) else found.instances).append(r)  # type: ignore[arg-type]
+        if isinstance(r, Rejection):
+            found.rejected.append(r)
+        else:
+            found.instances.append(r)
     log.info(
         "discovered %d files: %d image instances, %d set aside",
         found.n_files,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from collections import defaultdict
 from pathlib import Path
 
@@ -55,32 +56,40 @@ def _fix_bits(arr: npt.NDArray, inst: Instance) -> npt.NDArray:
     if inst.pixel_representation == 1:
         shift = ba - bs
         return (arr << shift) >> shift
-    return arr & ((1 << bs) - 1)
+    arr &= (1 << bs) - 1  # in place: the array is ours
+    return arr
 
 
-def _fast_native(inst: Instance) -> npt.NDArray | None:
-    """Pixels of a native LE single-frame file read from its tail, or None if not possible."""
+def _fast_native(inst: Instance, scratch: npt.NDArray | None = None) -> npt.NDArray | None:
+    """Pixels of a native LE single-frame file read from its tail, or None if not possible.
+
+    With ``scratch`` (a buffer of the right dtype and size, reused slice after slice) the
+    pixels land there, sparing a fresh allocation and its page faults per slice.
+    """
     if inst.transfer_syntax not in NATIVE_LE or inst.multiframe:
         return None
     dtype = _dtype(inst)
-    n = inst.rows * inst.columns * dtype.itemsize
+    count = inst.rows * inst.columns
+    n = count * dtype.itemsize
     n_even = n + (n % 2)
     with open(inst.path, "rb") as f:
-        f.seek(0, 2)
-        size = f.tell()
+        size = f.seek(0, 2)
         if size < n_even + 12:
             return None
         f.seek(size - n_even - 12)
-        tail = f.read()
-    head = tail[:12]
-    explicit = head[:4] == PIXEL_TAG and head[4:6] in (b"OW", b"OB") and head[6:8] == b"\0\0"
-    if explicit and struct.unpack("<I", head[8:12])[0] == n_even:
-        pass
-    elif head[4:8] == PIXEL_TAG and struct.unpack("<I", head[8:12])[0] == n_even:
-        pass  # implicit VR: tag and 4-byte length
-    else:
-        return None  # trailing elements after Pixel Data, or an odd layout: use pydicom
-    arr = np.frombuffer(tail, dtype=dtype, count=inst.rows * inst.columns, offset=12)
+        head = f.read(12)
+        explicit = head[:4] == PIXEL_TAG and head[4:6] in (b"OW", b"OB") and head[6:8] == b"\0\0"
+        implicit = head[4:8] == PIXEL_TAG  # tag, then a 4-byte length
+        if not ((explicit or implicit) and struct.unpack("<I", head[8:12])[0] == n_even):
+            return None  # trailing elements after Pixel Data, or an odd layout: use pydicom
+        if scratch is not None and scratch.dtype == dtype and scratch.size == count:
+            arr = scratch
+            if f.readinto(arr.data.cast("B")) != n:
+                return None
+        else:
+            arr = np.fromfile(f, dtype=dtype, count=count)  # straight into the array
+            if arr.size != count:
+                return None
     return _fix_bits(arr.reshape(inst.rows, inst.columns), inst)
 
 
@@ -127,7 +136,7 @@ def _output_dtype(stack: Stack) -> np.dtype:
     return np.dtype(np.float32)
 
 
-def read_stack(stack: Stack) -> npt.NDArray:
+def read_stack(stack: Stack, threads: int = 1) -> npt.NDArray:
     """Real-valued pixels of every slice, shaped (slices, rows, columns), in stack order.
 
     The dtype is int16 or int32 when every value is an integer that fits (CT in HU), else
@@ -142,9 +151,14 @@ def read_stack(stack: Stack) -> npt.NDArray:
     by_file: dict[Path, list[tuple[int, Slice]]] = defaultdict(list)
     for k, s in enumerate(stack.slices):
         by_file[s.path].append((k, s))
-    for items in by_file.values():
+
+    local = threading.local()  # one scratch buffer per thread
+
+    def fill(items: list[tuple[int, Slice]]) -> None:
         inst = items[0][1].instance
-        fast = _fast_native(inst)
+        if getattr(local, "buf", None) is None or local.buf.size != inst.rows * inst.columns:
+            local.buf = np.empty(inst.rows * inst.columns, dtype=_dtype(inst))
+        fast = _fast_native(inst, local.buf)
         frames = fast[None] if fast is not None else _pydicom_frames(inst)
         if len(frames) < max(s.frame.index for _, s in items) + 1:
             raise PixelDecodeError(
@@ -164,4 +178,14 @@ def read_stack(stack: Stack) -> npt.NDArray:
                 np.add(values, np.int32(intercept), out=out[k], casting="unsafe")
             else:
                 out[k] = values.astype(np.int64) * int(slope) + int(intercept)
+
+    groups = list(by_file.values())
+    if threads > 1 and len(groups) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:  # file reads and numpy release the GIL
+            list(pool.map(fill, groups))
+    else:
+        for items in groups:
+            fill(items)
     return out
