@@ -39,33 +39,37 @@ def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-IO_TASK = {
-    "retries": 2,
-    "retry_delay_seconds": [5, 30],
-    "retry_condition_fn": retry_on_io,
-    "cache_policy": NONE,
-    "persist_result": False,
-}
+def io_task(name: str, **options: Any) -> Any:
+    """``@task`` for I/O steps: retried with back-off on OSError only, nothing persisted."""
+    return task(
+        name=name,
+        retries=2,
+        retry_delay_seconds=[5, 30],
+        retry_condition_fn=retry_on_io,
+        cache_policy=NONE,
+        persist_result=False,
+        **options,
+    )
 
 
-@task(name="plan-ingest", **IO_TASK)
+@io_task("plan-ingest")
 def plan_task(cfg: IngestParams, paths: IngestPaths) -> Plan:
     return plan_ingest(cfg, paths)
 
 
-@task(name="ingest-series", task_run_name="ingest-{job.key}", **IO_TASK)
+@io_task("ingest-series", task_run_name="ingest-{job.key}")
 def series_task(job: Job, cfg: IngestParams, paths: IngestPaths) -> StackResult:
     return ingest_stack(job, cfg, paths)
 
 
-@task(name="finalize-ingest", **IO_TASK)
+@io_task("finalize-ingest")
 def finalize_task(
     cfg: IngestParams, paths: IngestPaths, plan: Plan, results: list[StackResult]
 ) -> dict[str, Any]:
     return finalize_ingest(cfg, paths, plan, results)
 
 
-def task_runner(kind: str, workers: int) -> ThreadPoolTaskRunner | ProcessPoolTaskRunner:
+def task_runner(kind: str, workers: int) -> Any:
     """The task runner named in params: threads (default) or processes."""
     if kind == "processes":
         return ProcessPoolTaskRunner(max_workers=workers)

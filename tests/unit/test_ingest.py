@@ -193,3 +193,33 @@ def test_irregular_policy_flag_and_resample(tmp_path: Path) -> None:
     assert img.shape[2] == 165
     np.testing.assert_allclose(np.sqrt((img.affine[:3, :3] ** 2).sum(0))[2], 1.25, atol=1e-3)
     assert resampled["flags"] == {"missing_slices": 1, "resampled": 1}
+
+
+def test_gantry_tilt_is_resampled_onto_an_orthogonal_grid(tmp_path: Path) -> None:
+    """Slices sheared 2 mm per slice along y are shifted back under the first one."""
+    from scipy import ndimage
+
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    series = pydicom.uid.generate_uid()
+    for k in range(4):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 2.0 * k, 5.0 * k]
+        ds.save_as(raw / f"s{k}", enforce_file_format=True)
+    rejected = run_ingest(raw, tmp_path / "reject", tmp_path / "salt")
+    assert rejected["quarantine_reasons"] == {"gantry_tilt": 4}
+    summary = run_ingest(raw, tmp_path / "out", tmp_path / "salt", irregular="resample")
+    assert summary["flags"] == {"gantry_tilt": 1, "resampled": 1}
+    (vol,) = (tmp_path / "out" / "volumes").iterdir()
+    img = nib.load(vol)
+    np.testing.assert_allclose(img.affine[:3, 2], [0, 0, 5.0], atol=1e-6)  # step along normal
+    data = img.get_fdata()
+    pixels = src.pixel_array * float(src.RescaleSlope) + float(src.RescaleIntercept)
+    dr = float(src.PixelSpacing[0])
+    for k in range(4):
+        expected = ndimage.shift(pixels, (-2.0 * k / dr, 0), order=1, mode="nearest")
+        np.testing.assert_allclose(data[:, :, k].T, expected, rtol=1e-5, atol=1e-2)
