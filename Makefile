@@ -39,4 +39,4 @@ bench: $(STAMP)
 	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
 
 clean:
-	rm -rf data/raw data/masks data/labels.csv data/synth_truth.csv
+	rm -rf data/raw data/masks data/labels.csv data/synth_truth.csv data/synth_truth.params.json data/interim

@@ -82,6 +82,7 @@ def synth(
     out: Path | None = typer.Option(
         None, help="Write raw/, masks/, labels.csv, synth_truth.csv here instead of params.data."
     ),
+    force: bool = typer.Option(False, help="Rewrite the cohort even if it is up to date."),
 ) -> None:
     """Write the built-in synthetic DICOM cohort (demo and tests)."""
     from medimg import stages
@@ -100,7 +101,7 @@ def synth(
         params = params.model_copy(update={"data": data})
     try:
         with _progress("synth: series") as progress:
-            counts = stages.synth(params, progress=progress)
+            counts = stages.synth(params, progress=progress, force=force)
     except MedImgError as e:
         typer.secho(str(e), fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from e

@@ -22,9 +22,13 @@ def _at(root: Path, path: Path) -> Path:
 
 
 def synth(
-    params: Params, root: Path = Path("."), progress: Progress | None = None
+    params: Params,
+    root: Path = Path("."),
+    progress: Progress | None = None,
+    force: bool = False,
 ) -> dict[str, int]:
-    """Write the built-in synthetic cohort to the paths in ``params.data``."""
+    """Write the built-in synthetic cohort to the paths in ``params.data`` (skipped when
+    it is already there with the same settings, unless ``force``)."""
     from medimg.dicom.synth import synth_cohort
 
     d = params.data
@@ -35,6 +39,7 @@ def synth(
         labels_csv=_at(root, d.labels),
         truth_csv=_at(root, d.synth_truth),
         progress=progress,
+        force=force,
     )
 
 

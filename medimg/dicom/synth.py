@@ -36,7 +36,7 @@ from pydicom.uid import (
 from medimg.config import SynthParams
 from medimg.dicom.geometry import lps_affine, ras_affine
 from medimg.errors import ConfigError
-from medimg.io import atomic_dir, atomic_path
+from medimg.io import atomic_dir, atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -542,17 +542,30 @@ def synth_cohort(
     labels_csv: Path,
     truth_csv: Path,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> dict[str, int]:
     """Write the cohort: DICOM under ``raw_dir``, one NIfTI mask per series (named by its
     SeriesInstanceUID) under ``masks_dir``, ``labels_csv`` (patient_id,label) and
     ``truth_csv`` (per-series ground truth for tests).
 
     Each output is staged and swapped in atomically, so an interrupted run leaves the
-    previous cohort intact.
+    previous cohort intact. A cohort already written with the same settings is left as it
+    is (its files keep their timestamps, so ingest sees nothing new) unless ``force``.
 
     Returns:
         Counts: patients, positives, series and files.
     """
+    stamp = truth_csv.with_name(truth_csv.stem + ".params.json")
+    settings = cfg.model_dump_json()
+    outputs = (raw_dir, masks_dir, labels_csv, truth_csv, stamp)
+    if not force and all(p.exists() for p in outputs) and stamp.read_text() == settings:
+        with truth_csv.open() as f:
+            n_series = sum(1 for _ in csv.DictReader(f))
+        log.info("synthetic cohort in %s is up to date", raw_dir)
+        n_pos = round(cfg.n_patients * cfg.positive_fraction)
+        return {"patients": cfg.n_patients, "positives": n_pos, "series": n_series,
+                "files": n_series * cfg.n_slices}  # fmt: skip
+    stamp.unlink(missing_ok=True)
     phantoms, positive, plans = plan_cohort(cfg)
     idents = [_patient_identity(cfg.seed, p) for p in range(cfg.n_patients)]
     truth: list[dict[str, object]] = []
@@ -595,9 +608,10 @@ def synth_cohort(
         dict_writer.writerows(truth)
     counts = {
         "patients": cfg.n_patients,
-        "positives": sum(positive),
+        "positives": int(sum(positive)),
         "series": len(plans),
         "files": len(plans) * cfg.n_slices,
     }
+    atomic_write_text(stamp, settings)  # last: marks the cohort complete
     log.info("synthetic cohort written to %s: %s", raw_dir, counts)
     return counts

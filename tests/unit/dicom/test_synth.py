@@ -211,3 +211,14 @@ def test_lesions_that_cannot_fit_are_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="n_slices"):
         write_cohort(tmp_path, cfg)
     assert not (tmp_path / "data" / "raw").exists()  # nothing half-written
+
+
+def test_up_to_date_cohort_is_left_alone(tmp_path: Path) -> None:
+    first = write_cohort(tmp_path)
+    stamp = {p: p.stat().st_mtime_ns for p in first.raw.rglob("*")}
+    again = write_cohort(tmp_path)
+    assert again.counts == first.counts
+    assert {p: p.stat().st_mtime_ns for p in first.raw.rglob("*")} == stamp
+    changed = write_cohort(tmp_path, TINY_SYNTH.model_copy(update={"noise_hu": 5.0}))
+    assert changed.counts["series"] == first.counts["series"]
+    assert {p: p.stat().st_mtime_ns for p in first.raw.rglob("*")} != stamp
