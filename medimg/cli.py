@@ -148,6 +148,26 @@ def ingest(
     )
 
 
+@app.command()
+def preprocess(params_file: Path = PARAMS_OPTION) -> None:
+    """Preprocess ingested volumes with MONAI and write patient-level splits."""
+    from medimg import stages
+    from medimg.errors import MedImgError
+
+    params = _load(params_file)
+    try:
+        with _progress("preprocess: volumes") as progress:
+            qc = stages.preprocess(params, progress=progress)
+    except MedImgError as e:
+        typer.secho(str(e), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from e
+    parts = ", ".join(
+        f"{name}: {s['patients']} patients ({s['positive_patients']} positive)"
+        for name, s in qc["splits"].items()
+    )
+    typer.echo(f"{qc['n_volumes']} volumes preprocessed; splits {parts}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

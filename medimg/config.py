@@ -109,12 +109,67 @@ class IngestParams(StrictModel):
     export_deid_dicom: bool = False  # also write de-identified DICOM copies
 
 
+Triple = tuple[float, float, float]
+IntTriple = tuple[int, int, int]
+
+
+class PreprocessParams(StrictModel):
+    """Deterministic transforms, run once; their output is cached under data/processed."""
+
+    spacing_mm: Triple = (6.0, 6.0, 6.0)  # target voxel size along R, A, S, mm
+    spatial_size: IntTriple = (64, 48, 48)  # output grid after crop/pad, voxels (R, A, S)
+    anisotropy_ratio: float = Field(3.0, gt=1)  # coarsest/finest source spacing above which
+    # the coarse axis is interpolated with nearest neighbour (nnU-Net's rule)
+    ct_window_hu: Range = (-200.0, 300.0)  # CT clamp, Hounsfield units, mapped to [0, 1]
+    mr_normalization: Literal["percentile", "zscore"] = "percentile"  # MR has no fixed unit
+    mr_percentiles: Range = (0.5, 99.5)  # MR percentiles mapped to [0, 1], non-zero voxels
+    foreground_threshold: float = 0.05  # scaled intensity above which a voxel is body
+    crop_margin: int = Field(2, ge=0)  # voxels kept around the body's bounding box
+    include_flagged: bool = False  # also use stacks that ingest kept with a QC flag
+    workers: int = Field(0, ge=0)  # volumes processed in parallel; 0: one per CPU core
+
+
+class SplitParams(StrictModel):
+    """Patient-level splits: k folds plus a held-out test set, stable under additions."""
+
+    salt: str = "medimg-split-v1"  # hash salt of the assignment; change it to reshuffle
+    test_fraction: Fraction = 0.2  # share of patients held out for the final test
+    n_folds: int = Field(5, ge=2)  # cross-validation folds among the other patients
+
+
+class LoaderParams(StrictModel):
+    """How training reads the cached data."""
+
+    dataset: Literal["cache", "persistent", "plain"] = "cache"  # MONAI dataset kind
+    cache_gib: float = Field(2.0, ge=0)  # memory budget of the in-memory cache, GiB
+    workers: int = Field(0, ge=0)  # loader workers; 0 reads in threads (ThreadDataLoader)
+
+
+class AugmentParams(StrictModel):
+    """Random augmentation at training time."""
+
+    flip_prob: Fraction = 0.5  # per axis
+    affine_prob: Fraction = 0.3  # chance of a small random affine
+    rotate_deg: float = Field(10.0, ge=0)  # max rotation about each axis, degrees
+    scale: float = Field(0.1, ge=0)  # max relative zoom
+    noise_std: float = Field(0.02, ge=0)  # Gaussian noise, in scaled intensity units
+    shift: float = Field(0.05, ge=0)  # max intensity shift, scaled units
+    intensity_prob: Fraction = 0.3  # chance of noise and of shift, each
+    patch_size: IntTriple = (48, 48, 32)  # segmentation training patch, voxels
+    patches_per_volume: int = Field(2, ge=1)  # segmentation patches sampled per volume
+    positive_ratio: float = Field(1.0, ge=0)  # lesion-centred : background patches
+
+
 class Params(StrictModel):
     """All of ``params.yaml``."""
 
     data: DataParams = DataParams()
     synth: SynthParams = SynthParams()
     ingest: IngestParams = IngestParams()
+    preprocess: PreprocessParams = PreprocessParams()
+    split: SplitParams = SplitParams()
+    loader: LoaderParams = LoaderParams()
+    augment: AugmentParams = AugmentParams()
 
 
 def _describe(err: dict[str, Any]) -> str:

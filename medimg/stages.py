@@ -71,3 +71,15 @@ def ingest_params(params: Params, root: Path = Path(".")) -> IngestParams:
     if not cfg.salt_file.is_absolute():
         cfg = cfg.model_copy(update={"salt_file": root / cfg.salt_file})
     return cfg
+
+
+def preprocess(
+    params: Params, root: Path = Path("."), progress: Progress | None = None
+) -> dict[str, Any]:
+    """Ingested volumes to cached, training-ready data and patient-level splits."""
+    from medimg.preprocess import preprocess as run
+
+    d = params.data
+    return run(
+        params.preprocess, params.split, _at(root, d.interim), _at(root, d.processed), progress
+    )

@@ -75,3 +75,50 @@ def tool_path(name: str) -> str:
     if found is None:
         pytest.fail(f"{name} not found: install the dev extras (pip install -e '.[dev]')")
     return found
+
+
+@dataclass(frozen=True)
+class Processed:
+    cohort: Cohort
+    root: Path
+    params: Params
+    qc: dict
+
+    @property
+    def interim(self) -> Path:
+        return self.root / "interim"
+
+    @property
+    def processed(self) -> Path:
+        return self.root / "processed"
+
+
+def process_cohort(
+    cohort: Cohort, root: Path, salt: Path | None = None, **preprocess: object
+) -> Processed:
+    """Ingest and preprocess ``cohort`` under ``root`` (salt file default: in root)."""
+    from medimg import stages
+    from medimg.config import IngestParams, PreprocessParams
+
+    data = DataParams(
+        raw=cohort.raw,
+        labels=cohort.labels,
+        masks=cohort.masks,
+        interim=root / "interim",
+        processed=root / "processed",
+    )
+    params = Params(
+        data=data,
+        synth=cohort.params.synth,
+        ingest=IngestParams(salt_file=salt or root / "salt"),
+        preprocess=PreprocessParams(**preprocess),  # type: ignore[arg-type]
+    )
+    stages.ingest(params)
+    qc = stages.preprocess(params)
+    return Processed(cohort=cohort, root=root, params=params, qc=qc)
+
+
+@pytest.fixture(scope="session")
+def tiny_processed(tiny_cohort: Cohort, tmp_path_factory: pytest.TempPathFactory) -> Processed:
+    """The tiny cohort, ingested and preprocessed with default params; do not modify."""
+    return process_cohort(tiny_cohort, tmp_path_factory.mktemp("processed"))

@@ -1,0 +1,110 @@
+"""Datasets and loaders over the preprocessed data, sized by a memory budget.
+
+3D caches exhaust RAM when sized by a fraction of the data, so the in-memory cache is sized
+in GiB: the bytes of one transformed item times the number cached stay within
+``loader.cache_gib``; what does not fit is loaded on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, ThreadDataLoader
+
+from medimg.config import LoaderParams
+from medimg.transforms import IMAGE, LABEL
+
+log = logging.getLogger(__name__)
+
+
+def items(processed: Path, table: pd.DataFrame, with_label: bool = True) -> list[dict[str, Any]]:
+    """Dataset items (paths and label) for the rows of a processed manifest."""
+    out = []
+    for row in table.to_dict("records"):
+        item: dict[str, Any] = {
+            IMAGE: str(processed / str(row["image"])),
+            "y": float(row["label"]),
+            "key": str(row["key"]),
+        }
+        if with_label and isinstance(row["mask"], str):
+            item[LABEL] = str(processed / row["mask"])
+        out.append(item)
+    return out
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.element_size() * value.nelement()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def cache_capacity(data: Sequence[dict[str, Any]], transform: Callable[[Any], Any], gib: float) -> int:
+    """How many transformed items fit in ``gib`` GiB (measured on the first item)."""
+    if not data or gib <= 0:
+        return 0
+    per_item = max(1, _nbytes(transform(dict(data[0]))))
+    return min(len(data), int(gib * 2**30 // per_item))
+
+
+def build_dataset(
+    data: Sequence[dict[str, Any]],
+    transform: Callable[[Any], Any],
+    cfg: LoaderParams,
+    cache_dir: Path | None = None,
+) -> Dataset:
+    """A MONAI dataset of the kind in ``cfg``: in-memory cache within the budget, on-disk
+    cache (``cache_dir``), or plain."""
+    if cfg.dataset == "persistent":
+        if cache_dir is None:
+            raise ValueError("a persistent dataset needs a cache_dir")
+        return PersistentDataset(list(data), transform=transform, cache_dir=cache_dir)
+    if cfg.dataset == "cache":
+        n = cache_capacity(data, _deterministic_part(transform), cfg.cache_gib)
+        log.info("caching %d of %d items in memory (budget %.2f GiB)", n, len(data), cfg.cache_gib)
+        return CacheDataset(
+            list(data), transform=transform, cache_num=n, num_workers=1, progress=False
+        )
+    return Dataset(list(data), transform=transform)
+
+
+def _deterministic_part(transform: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The leading non-random transforms of a Compose: what CacheDataset keeps."""
+    from monai.transforms import Compose, Randomizable
+
+    if not isinstance(transform, Compose):
+        return transform
+    head = []
+    for t in transform.transforms:
+        if isinstance(t, Randomizable):
+            break
+        head.append(t)
+    return Compose(head)
+
+
+def build_loader(
+    dataset: Dataset, cfg: LoaderParams, batch_size: int, shuffle: bool, seed: int = 0
+) -> DataLoader:
+    """ThreadDataLoader (workers 0: threads, no process start-up) or a DataLoader with
+    worker processes."""
+    generator = torch.Generator().manual_seed(seed)
+    if cfg.workers == 0:
+        return ThreadDataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0, generator=generator
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=cfg.workers,
+        generator=generator,
+        persistent_workers=True,
+    )
