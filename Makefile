@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/medimg synth
 	$(BIN)/medimg ingest
+	$(BIN)/medimg preprocess
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
