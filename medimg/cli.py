@@ -168,6 +168,49 @@ def preprocess(params_file: Path = PARAMS_OPTION) -> None:
     typer.echo(f"{qc['n_volumes']} volumes preprocessed; splits {parts}")
 
 
+TASK_OPTION = typer.Option(..., "--task", "-t", help="classify or segment.")
+
+
+@app.command()
+def train(
+    task: str = TASK_OPTION,
+    resume: bool = typer.Option(False, help="Continue from models/<task>/checkpoint.pt."),
+    params_file: Path = PARAMS_OPTION,
+) -> None:
+    """Fine-tune a pretrained ResNet (classify) or ResNet-encoder U-Net (segment)."""
+    from medimg import stages
+    from medimg.errors import MedImgError
+
+    params = _load(params_file)
+    try:
+        result = stages.train(params, task, resume=resume)
+    except MedImgError as e:
+        typer.secho(str(e), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from e
+    metric = "AUROC" if task == "classify" else "Dice"
+    typer.echo(
+        f"{task}: best validation {metric} {result.best_metric:.3f} at epoch {result.best_epoch} "
+        f"of {result.epochs_run}; weights in {params.data.models / task}/model.pt"
+    )
+
+
+@app.command()
+def evaluate(task: str = TASK_OPTION, params_file: Path = PARAMS_OPTION) -> None:
+    """Evaluate on held-out test patients: metrics with 95 % CIs, plots."""
+    from medimg import stages
+    from medimg.errors import MedImgError
+
+    params = _load(params_file)
+    try:
+        result = stages.evaluate(params, task)
+    except MedImgError as e:
+        typer.secho(str(e), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from e
+    for name, m in result["metrics"].items():
+        if m:
+            typer.echo(f"{task} {name}: {m['value']} (95% CI {m['ci_lower']} to {m['ci_upper']})")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -41,6 +41,9 @@ class DataParams(StrictModel):
     synth_truth: Path = Path("data/synth_truth.csv")  # demo only: generator ground truth
     interim: Path = Path("data/interim")  # ingest output: volumes, manifest, QC
     processed: Path = Path("data/processed")  # preprocessing output and splits
+    models: Path = Path("models")  # models/<task>/: weights, checkpoint, config, card
+    metrics: Path = Path("metrics")  # metrics/<task>.json, metrics/<task>_train.json
+    plots: Path = Path("plots")  # plots/<task>/: PNG and CSV
 
 
 class SynthParams(StrictModel):
@@ -155,9 +158,42 @@ class AugmentParams(StrictModel):
     noise_std: float = Field(0.02, ge=0)  # Gaussian noise, in scaled intensity units
     shift: float = Field(0.05, ge=0)  # max intensity shift, scaled units
     intensity_prob: Fraction = 0.3  # chance of noise and of shift, each
-    patch_size: IntTriple = (48, 48, 32)  # segmentation training patch, voxels
+    patch_size: IntTriple = (32, 32, 32)  # segmentation patch, voxels (multiples of 32)
     patches_per_volume: int = Field(2, ge=1)  # segmentation patches sampled per volume
     positive_ratio: float = Field(1.0, ge=0)  # lesion-centred : background patches
+
+
+class TaskTrainParams(StrictModel):
+    """One task's model and optimisation."""
+
+    arch: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = "resnet18"  # backbone
+    spatial_dims: Literal[2, 3] = 3  # 3D volumes, or 2D (one axial slice per volume)
+    conv1_stride: int = Field(2, ge=1, le=2)  # first conv stride (2 is ~7x faster in 3D)
+    pretrained: str = "none"  # none | path to MedicalNet .pth, torchvision .pth,
+    # medimg checkpoint, or an MLflow URI such as models:/medimg-classifier@champion
+    min_loaded_fraction: Fraction = 0.9  # fail when fewer backbone tensors load
+    freeze_encoder_epochs: int = Field(0, ge=0)  # encoder frozen for the first N epochs
+    head_lr_mult: float = Field(1.0, gt=0)  # learning-rate multiplier of the new head
+    epochs: int = Field(20, ge=1)  # upper bound; early stopping may end sooner
+    batch_size: int = Field(4, ge=1)  # volumes per step (segmentation: volumes, each
+    # giving augment.patches_per_volume patches)
+    accumulate: int = Field(1, ge=1)  # gradient accumulation steps
+    lr: float = Field(1e-3, gt=0)  # peak learning rate, AdamW
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: int = Field(1, ge=0)  # linear warm-up, then cosine decay to zero
+    patience: int = Field(6, ge=1)  # epochs without validation improvement before stopping
+    decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 8)  # segmentation decoder widths
+
+
+class TrainParams(StrictModel):
+    """Training of both tasks."""
+
+    seed: int = 0  # seeds Python, NumPy and torch; CPU runs repeat exactly
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
+    amp: bool = True  # mixed precision (on CUDA only)
+    fold: int = Field(0, ge=0)  # the validation fold; the other folds train
+    classify: TaskTrainParams = TaskTrainParams(arch="resnet10")
+    segment: TaskTrainParams = TaskTrainParams(arch="resnet18", batch_size=2)
 
 
 class Params(StrictModel):
@@ -170,6 +206,7 @@ class Params(StrictModel):
     split: SplitParams = SplitParams()
     loader: LoaderParams = LoaderParams()
     augment: AugmentParams = AugmentParams()
+    train: TrainParams = TrainParams()
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ params are relative to that root. Heavy imports stay inside the functions.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,4 +83,44 @@ def preprocess(
     d = params.data
     return run(
         params.preprocess, params.split, _at(root, d.interim), _at(root, d.processed), progress
+    )
+
+
+def train(
+    params: Params,
+    task: str,
+    root: Path = Path("."),
+    callbacks: Sequence[Callable[[Any], None]] = (),
+    resume: bool = False,
+) -> Any:
+    """Fine-tune the model of ``task`` (classify or segment) on the preprocessed data."""
+    from medimg.train import train as run
+
+    d = params.data
+    return run(
+        task,
+        params.train,
+        params.augment,
+        params.loader,
+        _at(root, d.processed),
+        _at(root, d.models) / task,
+        metrics_file=_at(root, d.metrics) / f"{task}_train.json",
+        callbacks=callbacks,
+        resume=resume,
+        resolved_config=params.model_dump(mode="json"),
+    )
+
+
+def evaluate(params: Params, task: str, root: Path = Path(".")) -> dict[str, Any]:
+    """Evaluate the trained model of ``task`` on the held-out test patients."""
+    from medimg.evaluate import evaluate as run
+
+    d = params.data
+    return run(
+        task,
+        params,
+        _at(root, d.processed),
+        _at(root, d.models) / task / "model.pt",
+        _at(root, d.metrics) / f"{task}.json",
+        _at(root, d.plots) / task,
     )

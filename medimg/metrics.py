@@ -1,0 +1,406 @@
+"""Evaluation metrics: classification, calibration, segmentation overlap and surface
+distance, and patient-level bootstrap confidence intervals.
+
+Pure numpy (plus scipy.ndimage for surfaces): no plotting, no I/O. Undefined values
+(AUROC with a single class, a surface distance to an empty mask) are NaN rather than an
+exception, so a metric table over many cases can be built without special cases and the
+gaps stay visible.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+from scipy import ndimage
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+def _scores(y: npt.ArrayLike, p: npt.ArrayLike) -> tuple[IntArray, FloatArray]:
+    """Labels as 0/1 integers and scores as floats, checked to pair up."""
+    labels = np.asarray(y).ravel()
+    scores = np.asarray(p, dtype=np.float64).ravel()
+    if labels.shape != scores.shape:
+        raise ValueError(f"{labels.size} labels but {scores.size} scores")
+    if not np.all((labels == 0) | (labels == 1)):
+        raise ValueError("labels must be 0 or 1")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores must be finite")
+    return labels.astype(np.int64), scores
+
+
+# --- classification --------------------------------------------------------------------
+
+
+def _roc_counts(labels: IntArray, scores: FloatArray) -> tuple[IntArray, IntArray, FloatArray]:
+    """False and true positive counts at each distinct score, highest score first."""
+    order = np.argsort(scores, kind="mergesort")[::-1]
+    scores, labels = scores[order], labels[order]
+    # A threshold sits at the last row of each run of equal scores: tied cases flip
+    # together, which draws the diagonal segment that gives ties half credit.
+    last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    tps = np.cumsum(labels)[last]
+    fps = last + 1 - tps
+    return fps, tps, scores[last]
+
+
+def roc_curve(
+    y: npt.ArrayLike, p: npt.ArrayLike, drop_intermediate: bool = True
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Receiver operating characteristic, as ``sklearn.metrics.roc_curve`` computes it.
+
+    Args:
+        y: 0/1 labels.
+        p: scores or probabilities; a case is called positive when ``p >= threshold``.
+        drop_intermediate: leave out thresholds on straight segments of the curve (they
+            change nothing in the plot or the area).
+
+    Returns:
+        False positive rates, true positive rates and the decreasing thresholds. The first
+        threshold is ``inf`` (nothing called positive), so the curve starts at (0, 0). The
+        rates of an absent class are NaN.
+    """
+    labels, scores = _scores(y, p)
+    if labels.size == 0:
+        return np.zeros(1), np.zeros(1), np.full(1, np.inf)
+    fps, tps, thresholds = _roc_counts(labels, scores)
+    if drop_intermediate and fps.size > 2:
+        # keep corners only: points where the second difference is non-zero
+        corner = np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True]
+        fps, tps, thresholds = fps[corner], tps[corner], thresholds[corner]
+    fps, tps = np.r_[0, fps], np.r_[0, tps]
+    thresholds = np.r_[np.inf, thresholds]
+    n_neg, n_pos = fps[-1], tps[-1]
+    fpr = fps / n_neg if n_neg > 0 else np.full(fps.size, np.nan)
+    tpr = tps / n_pos if n_pos > 0 else np.full(tps.size, np.nan)
+    return fpr.astype(np.float64), tpr.astype(np.float64), thresholds
+
+
+def auroc(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
+    """Area under the ROC curve by the trapezoid rule; tied scores count half.
+
+    Returns:
+        The area, or NaN when only one class is present.
+    """
+    labels, scores = _scores(y, p)
+    n_pos = int(labels.sum())
+    if n_pos == 0 or n_pos == labels.size:
+        return math.nan
+    fps, tps, _ = _roc_counts(labels, scores)
+    fpr = np.r_[0, fps] / fps[-1]
+    tpr = np.r_[0, tps] / tps[-1]
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2)
+
+
+def youden_threshold(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
+    """Threshold that maximises Youden's J = sensitivity + specificity - 1.
+
+    Choose it on validation data, then apply it unchanged to the test set. Among equally
+    good thresholds the highest is taken. The threshold is placed halfway between the
+    lowest score called positive and the next lower score, so it classifies the given
+    data exactly as the optimal cut does while leaving a margin on both sides.
+
+    Returns:
+        The threshold (use as ``p >= threshold``), or NaN when only one class is present.
+    """
+    labels, scores = _scores(y, p)
+    n_pos = int(labels.sum())
+    if n_pos == 0 or n_pos == labels.size:
+        return math.nan
+    fps, tps, thresholds = _roc_counts(labels, scores)
+    j = tps / n_pos - fps / (labels.size - n_pos)
+    best = int(np.argmax(j))  # first maximum: the highest threshold
+    cut = float(thresholds[best])
+    if best + 1 < thresholds.size:
+        below = float(thresholds[best + 1])
+        middle = (cut + below) / 2
+        if below < middle <= cut:  # adjacent floats can round onto ``below``
+            return middle
+    return cut
+
+
+def _confusion(labels: IntArray, scores: FloatArray, threshold: float) -> tuple[int, int, int, int]:
+    """(tn, fp, fn, tp) for predictions ``scores >= threshold``."""
+    pred = scores >= threshold
+    tp = int(np.sum(pred & (labels == 1)))
+    fp = int(np.sum(pred & (labels == 0)))
+    fn = int(np.sum(~pred & (labels == 1)))
+    tn = int(np.sum(~pred & (labels == 0)))
+    return tn, fp, fn, tp
+
+
+def confusion_counts(
+    y: npt.ArrayLike, p: npt.ArrayLike, threshold: float
+) -> tuple[int, int, int, int]:
+    """Confusion matrix counts ``(tn, fp, fn, tp)`` for predictions ``p >= threshold``."""
+    labels, scores = _scores(y, p)
+    return _confusion(labels, scores, threshold)
+
+
+def sensitivity_specificity(
+    y: npt.ArrayLike, p: npt.ArrayLike, threshold: float
+) -> tuple[float, float]:
+    """Sensitivity (true positive rate) and specificity (true negative rate).
+
+    Args:
+        y: 0/1 labels.
+        p: scores; a case is called positive when ``p >= threshold``.
+        threshold: the decision threshold.
+
+    Returns:
+        ``(sensitivity, specificity)``; each is NaN when its class is absent.
+    """
+    tn, fp, fn, tp = confusion_counts(y, p, threshold)
+    sens = tp / (tp + fn) if tp + fn else math.nan
+    spec = tn / (tn + fp) if tn + fp else math.nan
+    return sens, spec
+
+
+def balanced_accuracy(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float) -> float:
+    """Mean of sensitivity and specificity; NaN when a class is absent."""
+    sens, spec = sensitivity_specificity(y, p, threshold)
+    return (sens + spec) / 2
+
+
+# --- calibration -----------------------------------------------------------------------
+
+
+def _bins(y: npt.ArrayLike, p: npt.ArrayLike, n_bins: int) -> tuple[IntArray, ...]:
+    labels, probs = _scores(y, p)
+    if n_bins < 1:
+        raise ValueError("n_bins must be at least 1")
+    if np.any((probs < 0) | (probs > 1)):
+        raise ValueError("probabilities must lie in [0, 1]")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Bins are (lower, upper], the first also holding 0: sklearn's calibration_curve.
+    index = np.searchsorted(edges[1:-1], probs, side="left")
+    count = np.bincount(index, minlength=n_bins)
+    return labels, index, count
+
+
+def reliability_table(y: npt.ArrayLike, p: npt.ArrayLike, n_bins: int = 10) -> pd.DataFrame:
+    """Per-bin mean predicted probability and observed fraction of positives.
+
+    Args:
+        y: 0/1 labels.
+        p: predicted probabilities of the positive class, in [0, 1].
+        n_bins: number of equal-width bins over [0, 1].
+
+    Returns:
+        One row per bin (empty bins included, with NaN means): bin_lower, bin_upper,
+        count, mean_predicted, fraction_positive.
+    """
+    labels, index, count = _bins(y, p, n_bins)
+    probs = np.asarray(p, dtype=np.float64).ravel()
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_predicted = np.bincount(index, weights=probs, minlength=n_bins) / count
+        fraction = np.bincount(index, weights=labels, minlength=n_bins) / count
+    return pd.DataFrame(
+        {
+            "bin_lower": edges[:-1],
+            "bin_upper": edges[1:],
+            "count": count,
+            "mean_predicted": mean_predicted,
+            "fraction_positive": fraction,
+        }
+    )
+
+
+def expected_calibration_error(y: npt.ArrayLike, p: npt.ArrayLike, n_bins: int = 10) -> float:
+    """Expected calibration error over equal-width bins.
+
+    The mean over bins of ``|mean predicted - fraction positive|``, weighted by the share
+    of cases in each bin.
+
+    Returns:
+        The error in [0, 1], or NaN for no cases.
+    """
+    table = reliability_table(y, p, n_bins)
+    n = int(table["count"].sum())
+    if n == 0:
+        return math.nan
+    full = table[table["count"] > 0]
+    gap = np.abs(full["mean_predicted"] - full["fraction_positive"])
+    return float(np.sum(full["count"] * gap) / n)
+
+
+# --- segmentation ----------------------------------------------------------------------
+
+
+def _masks(pred: npt.ArrayLike, truth: npt.ArrayLike) -> tuple[BoolArray, BoolArray]:
+    a = np.asarray(pred).astype(bool)
+    b = np.asarray(truth).astype(bool)
+    if a.shape != b.shape:
+        raise ValueError(f"prediction {a.shape} and truth {b.shape} differ in shape")
+    return a, b
+
+
+def dice(pred: npt.ArrayLike, truth: npt.ArrayLike) -> float:
+    """Dice overlap ``2 |A & B| / (|A| + |B|)``.
+
+    Returns:
+        1.0 when both masks are empty (nothing to find, nothing found), 0.0 when exactly
+        one is empty.
+    """
+    a, b = _masks(pred, truth)
+    total = int(a.sum()) + int(b.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.sum(a & b)) / total
+
+
+def _surface(mask: BoolArray) -> BoolArray:
+    """Voxels of the mask with a face neighbour outside it (or on the array border)."""
+    return mask & ~ndimage.binary_erosion(mask)
+
+
+def surface_distances(
+    pred: npt.ArrayLike, truth: npt.ArrayLike, spacing: Sequence[float]
+) -> tuple[float, float]:
+    """Symmetric 95th-percentile Hausdorff distance and mean surface distance, in mm.
+
+    A surface is the mask minus its erosion. The distances from every surface voxel of
+    each mask to the nearest surface voxel of the other are pooled; HD95 is their 95th
+    percentile, MSD their mean. (MONAI instead takes the larger of the two directed
+    percentiles; the pooled form weights both surfaces by their size.)
+
+    Args:
+        pred: predicted mask.
+        truth: reference mask of the same shape.
+        spacing: voxel size along each axis, in mm.
+
+    Returns:
+        ``(hd95, msd)``: both 0.0 when both masks are empty, NaN when exactly one is.
+    """
+    a, b = _masks(pred, truth)
+    if len(spacing) != a.ndim:
+        raise ValueError(f"{len(spacing)} spacings for a {a.ndim}-D mask")
+    empty_a, empty_b = not a.any(), not b.any()
+    if empty_a and empty_b:
+        return 0.0, 0.0
+    if empty_a or empty_b:
+        return math.nan, math.nan
+    # Work in the bounding box of both masks plus one voxel: the nearest surface voxel is
+    # always inside it, and the margin keeps erosion at the array border unchanged.
+    both = np.argwhere(a | b)
+    lo = np.maximum(both.min(axis=0) - 1, 0)
+    hi = both.max(axis=0) + 2
+    box = tuple(slice(int(s), int(e)) for s, e in zip(lo, hi, strict=True))
+    surf_a, surf_b = _surface(a[box]), _surface(b[box])
+    sampling = [float(s) for s in spacing]
+    to_b = ndimage.distance_transform_edt(~surf_b, sampling=sampling)[surf_a]
+    to_a = ndimage.distance_transform_edt(~surf_a, sampling=sampling)[surf_b]
+    pooled = np.concatenate([to_b, to_a])
+    return float(np.percentile(pooled, 95)), float(pooled.mean())
+
+
+# --- uncertainty -----------------------------------------------------------------------
+
+
+def bootstrap_ci(
+    frame: pd.DataFrame,
+    statistic: Callable[[pd.DataFrame], float],
+    group: str = "patient",
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Point estimate and percentile confidence interval from a cluster bootstrap.
+
+    Rows of one patient are correlated (several series, several lesions), so patients are
+    resampled with replacement, never rows: each sample holds every row of each drawn
+    patient, twice over for a patient drawn twice. Resampling rows would treat correlated
+    rows as independent and give intervals that are too narrow.
+
+    Args:
+        frame: one row per case, with a ``group`` column.
+        statistic: computes the metric from a frame (the samples have a fresh 0..n-1
+            index); NaN marks a sample where it is undefined, e.g. a single class.
+        group: column naming the resampling unit.
+        n_boot: number of bootstrap samples.
+        alpha: 1 - confidence level.
+        seed: seed of the generator; equal seeds give equal intervals.
+
+    Returns:
+        ``(estimate, lower, upper)``: the statistic on the whole frame and the percentile
+        interval over the valid samples. The interval is NaN when fewer than half of the
+        samples are valid.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError("alpha must lie in (0, 1)")
+    if n_boot < 1:
+        raise ValueError("n_boot must be at least 1")
+    estimate = float(statistic(frame))
+    codes, uniques = pd.factorize(frame[group], sort=True)
+    if np.any(codes < 0):
+        raise ValueError(f"rows without a {group!r}")
+    n_groups = len(uniques)
+    if n_groups == 0:
+        return estimate, math.nan, math.nan
+    order = np.argsort(codes, kind="stable")  # rows of each group side by side
+    sizes = np.bincount(codes, minlength=n_groups)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    draws = np.random.default_rng(seed).integers(0, n_groups, size=(n_boot, n_groups))
+    values = np.empty(n_boot)
+    for b, drawn in enumerate(draws):
+        lengths = sizes[drawn]
+        ends = np.cumsum(lengths)
+        # row positions: each drawn group's start, counted up along its run
+        rows = np.arange(ends[-1]) + np.repeat(starts[drawn] - (ends - lengths), lengths)
+        sample = frame.take(order[rows])
+        sample.index = pd.RangeIndex(len(rows))
+        values[b] = statistic(sample)
+    valid = values[~np.isnan(values)]
+    if valid.size < n_boot / 2:
+        log.warning("only %d of %d bootstrap samples valid: no interval", valid.size, n_boot)
+        return estimate, math.nan, math.nan
+    lower, upper = np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return estimate, float(lower), float(upper)
+
+
+def breakdown(
+    frame: pd.DataFrame,
+    by: str,
+    statistic: Callable[[pd.DataFrame], float],
+    **bootstrap_kw: Any,
+) -> pd.DataFrame:
+    """The statistic with its bootstrap interval for each value of ``by`` (e.g. modality).
+
+    Args:
+        frame: one row per case.
+        by: column to break down by.
+        statistic: as for :func:`bootstrap_ci`.
+        **bootstrap_kw: passed on to :func:`bootstrap_ci` (``group``, ``n_boot``,
+            ``alpha``, ``seed``).
+
+    Returns:
+        One row per value of ``by``, sorted: the value, n (rows), n_groups (patients),
+        estimate, ci_lower, ci_upper.
+    """
+    group = bootstrap_kw.get("group", "patient")
+    rows = []
+    for value, part in frame.groupby(by, sort=True):
+        estimate, lower, upper = bootstrap_ci(part, statistic, **bootstrap_kw)
+        rows.append(
+            {
+                by: value,
+                "n": len(part),
+                "n_groups": int(part[group].nunique()),
+                "estimate": estimate,
+                "ci_lower": lower,
+                "ci_upper": upper,
+            }
+        )
+    columns = [by, "n", "n_groups", "estimate", "ci_lower", "ci_upper"]
+    return pd.DataFrame(rows, columns=columns)

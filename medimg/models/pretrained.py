@@ -1,0 +1,405 @@
+"""Pretrained weights for the classifier and the segmenter, from local files only.
+
+Three source layouts are understood (:func:`detect_format`):
+
+* ``"torchvision"``: a 2D ResNet state dict (``conv1.weight`` of shape (64, 3, 7, 7),
+  ``fc.*``, BatchNorm running statistics). Conv weights are inflated to 3D (I3D) and the
+  RGB input channels are summed for our one-channel images (:func:`adapt`).
+* ``"medicalnet"``: a MedicalNet 3D ResNet (``{"state_dict": {"module.conv1.weight": ...}}``,
+  5-D convs, no ``fc``).
+* ``"medimg"``: our own checkpoint, ``{"model": state_dict, "config": {...}}``. From the same
+  task everything loads, the head included; from the other task only the backbone.
+
+The key mapping is explicit (:func:`map_keys`): strip ``module.``, drop the source's head,
+and prefix ``encoder.`` for the segmenter, whose backbone is FlexibleUNet's ResNet encoder.
+:func:`load_pretrained` reports how much of the model's backbone was loaded (a
+:class:`LoadReport`) and fails when too little was, which catches a wrong file or a wrong
+architecture depth before hours of training on random weights.
+
+Note: with MONAI's defaults the classifier's ResNet-18/34 uses projection shortcuts
+(``layerN.0.downsample.*``) while the segmenter's encoder and MedicalNet's ResNet-18/34 use
+parameter-free ones, so those 18 tensors are reported missing in that pairing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from medimg.errors import ConfigError
+from medimg.models.resnet import HEAD
+from medimg.models.unet import ENCODER
+
+log = logging.getLogger(__name__)
+
+Target = Literal["classifier", "segmenter"]
+TARGETS: tuple[str, ...] = ("classifier", "segmenter")
+FORMATS: tuple[str, ...] = ("medicalnet", "torchvision", "medimg")
+
+_WRAPPER = "module."  # DataParallel prefix (MedicalNet)
+_SOURCE_HEADS = (f"{HEAD}.", "conv_seg.")  # torchvision/MONAI head; MedicalNet's seg head
+_SEG_HEADS = ("decoder.", "segmentation_head.")  # FlexibleUNet parts outside the encoder
+_COUNTER = "num_batches_tracked"  # BatchNorm step counters: loaded, never counted
+_MLFLOW_SCHEMES = ("models:/", "runs:/")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did, counted over the model's backbone tensors.
+
+    ``loaded``, ``missing`` and ``skipped_shape`` partition the backbone keys (target names,
+    BatchNorm ``num_batches_tracked`` counters excluded); ``unexpected`` lists source keys
+    that were not used (source names, heads that are dropped on purpose included).
+    ``loaded_head`` lists non-backbone tensors loaded (a medimg checkpoint of the same task).
+    """
+
+    source_format: str
+    n_model_backbone: int
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    skipped_shape: list[str] = field(default_factory=list)
+    loaded_head: list[str] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        """Share of the backbone's tensors that were loaded (0.0 for an empty report)."""
+        return len(self.loaded) / self.n_model_backbone if self.n_model_backbone else 0.0
+
+    def summary(self) -> str:
+        """One line with the counts."""
+        if self.source_format == "none":
+            return "pretrained: none (random initialisation)"
+        head = f", head {len(self.loaded_head)}" if self.loaded_head else ""
+        return (
+            f"pretrained ({self.source_format}): loaded {len(self.loaded)}/"
+            f"{self.n_model_backbone} backbone tensors ({self.fraction:.1%}){head}, "
+            f"missing {len(self.missing)}, wrong shape {len(self.skipped_shape)}, "
+            f"unused in file {len(self.unexpected)}"
+        )
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _strip(key: str) -> str:
+    return key[len(_WRAPPER) :] if key.startswith(_WRAPPER) else key
+
+
+def detect_format(state: Mapping[str, Any]) -> str:
+    """Name the layout of a loaded checkpoint: ``"medicalnet"``, ``"torchvision"`` or ``"medimg"``.
+
+    ``state`` is what ``torch.load`` returned (a wrapper dict with ``"state_dict"`` or
+    ``"model"``), or an already unwrapped state dict.
+
+    Raises:
+        ConfigError: the layout is none of these; the message says what was found.
+    """
+    if isinstance(state.get("model"), Mapping) and "config" in state:
+        return "medimg"
+    inner = state.get("state_dict", state)
+    if not isinstance(inner, Mapping):
+        inner = state
+    conv1 = next(
+        (v for k, v in inner.items() if _strip(str(k)) == "conv1.weight" and isinstance(v, Tensor)),
+        None,
+    )
+    if conv1 is not None and conv1.dim() == 5:
+        return "medicalnet"
+    if conv1 is not None and conv1.dim() == 4:
+        return "torchvision"
+    keys = [str(k) for k in inner][:5]
+    found = (
+        f"conv1.weight of shape {tuple(conv1.shape)}" if conv1 is not None else "no conv1.weight"
+    )
+    raise ConfigError(
+        f"unrecognised checkpoint layout: {len(inner)} entries, first keys {keys}, {found}; "
+        "expected a MedicalNet 3D ResNet ({'state_dict': {'module.conv1.weight': 5-D, ...}}), "
+        "a torchvision 2D ResNet state dict (conv1.weight 4-D, fc.*) or a medimg checkpoint "
+        "({'model': ..., 'config': ...})"
+    )
+
+
+def _load_file(path: Path) -> Any:
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:
+            raise ConfigError(
+                f"{path.name}: reading .safetensors needs the 'safetensors' package, which is "
+                "not installed; install it, or convert the file to a torch .pth state dict"
+            ) from err
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:
+            raise ConfigError(f"{path.name}: not a readable safetensors file ({err})") from err
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower():
+            raise ConfigError(
+                f"{path.name}: holds Python objects that safe loading (weights_only=True) "
+                "refuses, so it is not a plain state dict; from trusted code, re-save it with "
+                "torch.save(model.state_dict(), path)"
+            ) from err
+        raise ConfigError(
+            f"{path.name}: not a PyTorch checkpoint ({type(err).__name__}: {err}); "
+            "point train.<task>.pretrained at a .pth/.pt state dict, or 'none'"
+        ) from err
+    except Exception as err:  # torch raises KeyError, EOFError, RuntimeError... on junk
+        raise ConfigError(
+            f"{path.name}: not a PyTorch checkpoint ({type(err).__name__}: {err}); "
+            "point train.<task>.pretrained at a .pth/.pt state dict, or 'none'"
+        ) from err
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
+    """Read a weights file into a flat ``{name: tensor}`` dict and name its format.
+
+    ``"state_dict"`` and ``"model"`` wrappers are unwrapped; key names are left as stored
+    (:func:`map_keys` renames them).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, refused by ``weights_only`` loading,
+            not a state dict, or of an unknown layout.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"pretrained weights file {path} not found; set train.<task>.pretrained to an "
+            "existing local file (MedicalNet/torchvision .pth, medimg checkpoint) or 'none'"
+        )
+    obj = _load_file(path)
+    if not isinstance(obj, Mapping):
+        raise ConfigError(
+            f"{path.name}: holds a {type(obj).__name__}, not a state dict (a dict of tensors); "
+            "save weights with torch.save(model.state_dict(), path)"
+        )
+    fmt = detect_format(obj)
+    inner: Any = obj
+    for wrapper in ("model", "state_dict"):
+        if isinstance(inner.get(wrapper), Mapping):
+            inner = inner[wrapper]
+            break
+    state = {str(k): v for k, v in inner.items() if isinstance(v, Tensor)}
+    if not state:
+        raise ConfigError(
+            f"{path.name}: contains no tensors (keys {list(inner)[:5]}); not a state dict"
+        )
+    return state, fmt
+
+
+# ----------------------------------------------------------------------------- mapping
+
+
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+
+
+def _medimg_task(keys: Iterable[str]) -> str:
+    return "segmenter" if any(k.startswith(f"{ENCODER}.") for k in keys) else "classifier"
+
+
+def _rename(keys: Iterable[str], fmt: str, target: Target) -> dict[str, str]:
+    """Target name -> source name for the source keys that are kept (see :func:`map_keys`)."""
+    _check_target(target)
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    flat = {_strip(k): k for k in keys}
+    enc = f"{ENCODER}."
+    if fmt == "medimg":
+        source_task = _medimg_task(flat)
+        if source_task == target:
+            return flat
+        if source_task == "segmenter":  # segmenter -> classifier: the encoder, unprefixed
+            return {k[len(enc) :]: src for k, src in flat.items() if k.startswith(enc)}
+    backbone = {k: src for k, src in flat.items() if not k.startswith(_SOURCE_HEADS)}
+    if target == "segmenter":
+        return {enc + k: src for k, src in backbone.items()}
+    return backbone
+
+
+def map_keys(state: Mapping[str, Tensor], fmt: str, target: Target) -> dict[str, Tensor]:
+    """Rename source keys to the target model's names; keys of no use are dropped.
+
+    * every format: strip the ``module.`` wrapper prefix;
+    * medicalnet / torchvision: drop the head (``fc.*``; MedicalNet's ``conv_seg.*``), and
+      for the segmenter prefix ``encoder.``;
+    * medimg, same task: keep everything, the head included; classifier to segmenter:
+      drop ``fc.*``, prefix ``encoder.``; segmenter to classifier: keep ``encoder.*``,
+      unprefixed.
+
+    Example:
+        >>> w = torch.zeros(1)
+        >>> list(map_keys({"module.conv1.weight": w, "fc.weight": w}, "torchvision", "segmenter"))
+        ['encoder.conv1.weight']
+    """
+    return {new: state[old] for new, old in _rename(state, fmt, target).items()}
+
+
+def _inflate(tensor: Tensor, depth: int) -> Tensor:
+    """(out, in, kh, kw) -> (out, in, depth, kh, kw), repeated and divided by ``depth``."""
+    return tensor.unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth
+
+
+def _adapt_in_channels(tensor: Tensor, n_in: int) -> Tensor | None:
+    src = tensor.shape[1]
+    if n_in == src:
+        return tensor
+    if n_in == 1:  # grey image = R = G = B: the summed kernel gives the same response
+        return tensor.sum(dim=1, keepdim=True)
+    if n_in > src:  # repeat, and scale so identical channels give the same response
+        reps = math.ceil(n_in / src)
+        return tensor.repeat(1, reps, *([1] * (tensor.dim() - 2)))[:, :n_in] * (src / n_in)
+    return None
+
+
+def adapt(tensor: Tensor, target_shape: tuple[int, ...] | torch.Size) -> Tensor | None:
+    """Fit a source tensor to a target shape, or ``None`` when it cannot be fitted.
+
+    * same shape: unchanged;
+    * 2D conv weight (out, in, kh, kw) to 3D (out, in', kd, kh, kw): repeated ``kd`` times
+      along depth and divided by ``kd`` (I3D inflation: a constant input gives the same
+      response); the target's ``kd`` is used, ``kh`` and ``kw`` must match;
+    * conv input channels: to one channel the kernel is summed over input channels (an RGB
+      source for grey images); to more channels it is repeated and scaled by src/target;
+    * anything else (other output channels, kernel sizes, vector lengths): ``None``.
+    """
+    target = tuple(int(s) for s in target_shape)
+    if tuple(tensor.shape) == target:
+        return tensor
+    if tensor.dim() < 3 or len(target) < 3 or tensor.shape[0] != target[0]:
+        return None
+    out = tensor
+    if out.dim() == 4 and len(target) == 5:
+        out = _inflate(out, target[2])
+    if out.dim() != len(target) or tuple(out.shape[2:]) != target[2:]:
+        return None
+    adapted = _adapt_in_channels(out, target[1])
+    if adapted is None or tuple(adapted.shape) != target:
+        return None
+    return adapted
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def is_backbone(name: str, target: Target) -> bool:
+    """Whether a parameter/buffer name belongs to the pretrained backbone of ``target``."""
+    if target == "classifier":
+        return not name.startswith(f"{HEAD}.")
+    return name.startswith(f"{ENCODER}.")
+
+
+def _counted(name: str) -> bool:
+    return not name.endswith(_COUNTER)
+
+
+def load_pretrained(
+    model: nn.Module, source: str | Path, target: Target, min_fraction: float = 0.9
+) -> LoadReport:
+    """Load local pretrained weights into ``model`` (non-strict) and report what loaded.
+
+    Args:
+        model: built by :func:`~medimg.models.resnet.build_classifier` (``target=
+            "classifier"``) or :func:`~medimg.models.unet.build_segmenter` (``"segmenter"``).
+        source: ``"none"`` (do nothing), or a local weights file.
+        target: which kind of model ``model`` is.
+        min_fraction: fail when a smaller share of the backbone's tensors loads.
+
+    Raises:
+        ConfigError: unreadable file, or ``report.fraction < min_fraction`` (the model is then
+            left unchanged).
+        NotImplementedError: MLflow URIs (``models:/``, ``runs:/``), not wired in yet.
+    """
+    _check_target(target)
+    if str(source).strip().lower() == "none":
+        return LoadReport(source_format="none", n_model_backbone=0)
+    if str(source).startswith(_MLFLOW_SCHEMES):
+        raise NotImplementedError(
+            f"pretrained={source!r}: loading from an MLflow model URI is not supported yet; "
+            "export the model's state dict to a local .pth file and point at that"
+        )
+    path = Path(source)
+    state, fmt = read_state_dict(path)
+    source_name = _rename(state, fmt, target)  # target name -> source name
+    mapped = {new: state[old] for new, old in source_name.items()}
+
+    own = model.state_dict()
+    backbone = [k for k in own if is_backbone(k, target) and _counted(k)]
+    report = LoadReport(source_format=fmt, n_model_backbone=len(backbone))
+    to_load: dict[str, Tensor] = {}
+    skipped: dict[str, str] = {}
+    for name, tensor in mapped.items():
+        if name not in own:
+            continue
+        fitted = adapt(tensor, own[name].shape)
+        if fitted is None:
+            skipped[name] = f"{tuple(tensor.shape)} -> {tuple(own[name].shape)}"
+            continue
+        to_load[name] = fitted.to(dtype=own[name].dtype)
+    used = {source_name[k] for k in to_load}
+    report.unexpected = [k for k in state if k not in used and _counted(k)]
+    for name in backbone:
+        if name in to_load:
+            report.loaded.append(name)
+        elif name in skipped:
+            report.skipped_shape.append(name)
+        else:
+            report.missing.append(name)
+    report.loaded_head = [k for k in to_load if not is_backbone(k, target) and _counted(k)]
+
+    if report.fraction < min_fraction:
+        examples = (report.missing + report.skipped_shape)[:3]
+        raise ConfigError(
+            f"{path.name}: only {len(report.loaded)}/{report.n_model_backbone} backbone tensors "
+            f"of the {target} loaded ({report.fraction:.1%} < min {min_fraction:.0%}): "
+            f"{len(report.missing)} missing, {len(report.skipped_shape)} wrong shape "
+            f"(e.g. {examples}), {len(report.unexpected)} unused in the file ({fmt} format). "
+            "Wrong architecture depth (train.<task>.arch vs the file)? Wrong file? Lower "
+            "train.<task>.min_loaded_fraction only if a partial load is intended."
+        )
+    model.load_state_dict(to_load, strict=False)
+    for name, shapes in skipped.items():
+        log.debug("pretrained: %s skipped, shape %s", name, shapes)
+    log.info("%s: %s", path.name, report.summary())
+    return report
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def freeze_encoder(model: nn.Module, target: Target, frozen: bool) -> None:
+    """Set ``requires_grad`` of the backbone's parameters to ``not frozen``; the rest untouched."""
+    _check_target(target)
+    for name, param in model.named_parameters():
+        if is_backbone(name, target):
+            param.requires_grad_(not frozen)
+
+
+def param_groups(
+    model: nn.Module, target: Target, lr: float, head_lr_mult: float
+) -> list[dict[str, Any]]:
+    """Two AdamW parameter groups: the backbone at ``lr``, the rest at ``lr * head_lr_mult``.
+
+    Frozen parameters are included (AdamW skips those without gradients), so unfreezing
+    later needs no new optimiser.
+    """
+    _check_target(target)
+    backbone: list[nn.Parameter] = []
+    head: list[nn.Parameter] = []
+    for name, param in model.named_parameters():
+        (backbone if is_backbone(name, target) else head).append(param)
+    return [
+        {"params": backbone, "lr": lr, "name": "backbone"},
+        {"params": head, "lr": lr * head_lr_mult, "name": "head"},
+    ]

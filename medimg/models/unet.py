@@ -1,0 +1,24 @@
+"""Segmentation: a U-Net whose encoder is a ResNet (MONAI FlexibleUNet)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from medimg.config import TaskTrainParams
+
+ENCODER = "encoder"  # the encoder's module name; decoder and head are new at fine-tuning
+DIVISOR = 32  # input sizes must be multiples of this (five down-samplings)
+
+
+def build_segmenter(cfg: TaskTrainParams, in_channels: int = 1) -> nn.Module:
+    """FlexibleUNet with a ResNet backbone and two output channels (background, lesion)."""
+    from monai.networks.nets import FlexibleUNet
+
+    return FlexibleUNet(
+        in_channels=in_channels,
+        out_channels=2,
+        backbone=cfg.arch,
+        pretrained=False,
+        spatial_dims=cfg.spatial_dims,
+        decoder_channels=cfg.decoder_channels,
+    )

@@ -1,0 +1,446 @@
+"""Fine-tuning loop for both tasks. No tracking imports: progress goes out via callbacks.
+
+What a run does, per epoch: train on every fold but the validation one (augmented,
+AdamW, warm-up then cosine schedule, optional gradient accumulation, AMP on CUDA),
+validate (AUROC for classification, mean Dice with sliding windows for segmentation),
+keep the best weights, stop early after ``patience`` epochs without improvement, and write
+a checkpoint atomically (model, optimiser, scheduler, scaler, epoch, history). The
+randomness of epoch e depends only on (seed, e), so a run resumed after epoch k is the
+same, bit for bit on CPU, as one never stopped.
+
+``torchrun --nproc_per_node=N -m medimg.cli train ...`` runs DistributedDataParallel (NCCL
+on CUDA, gloo on CPU); rank 0 validates and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from medimg.config import AugmentParams, LoaderParams, TaskTrainParams, TrainParams
+from medimg.data.datasets import build_dataset, items
+from medimg.errors import ConfigError, DataError
+from medimg.io import atomic_path, atomic_write_text
+from medimg.models.pretrained import Target
+
+log = logging.getLogger(__name__)
+
+TASKS = ("classify", "segment")
+
+
+@dataclass(frozen=True)
+class EpochLog:
+    """What one epoch measured; callbacks receive it."""
+
+    epoch: int  # 1-based
+    train_loss: float
+    val_loss: float
+    val_metric: float  # AUROC (classify) or mean Dice (segment)
+    lr: float
+    seconds: float
+    best: bool  # this epoch's weights are the best so far
+
+
+Callback = Callable[[EpochLog], None]
+
+
+@dataclass
+class TrainResult:
+    task: str
+    best_epoch: int
+    best_metric: float
+    epochs_run: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no CUDA device is visible; use auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def build_model(task: str, cfg: TaskTrainParams) -> nn.Module:
+    if task == "classify":
+        from medimg.models.resnet import build_classifier
+
+        return build_classifier(cfg)
+    from medimg.models.unet import build_segmenter
+
+    return build_segmenter(cfg)
+
+
+def _schedule(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _split_items(processed: Path, fold: int, with_label: bool) -> tuple[list, list]:
+    table = pd.read_parquet(processed / "manifest.parquet")
+    folds = sorted(s for s in table["split"].unique() if s != "test")
+    if str(fold) not in folds:
+        raise ConfigError(f"train.fold {fold} is not among the folds {folds} in splits.json")
+    train = table[(table["split"] != "test") & (table["split"] != str(fold))]
+    val = table[table["split"] == str(fold)]
+    if train.empty or val.empty or train["label"].nunique() < 2:
+        raise DataError(f"{processed}: fold {fold} leaves no usable training or validation data")
+    return items(processed, train, with_label), items(processed, val, with_label)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    image: torch.Tensor,
+    task: str,
+    roi_size: Sequence[int],
+    device: torch.device,
+    amp: bool = False,
+) -> torch.Tensor:
+    """Probability per volume (classify) or lesion probability map (segment, by sliding
+    windows of ``roi_size``). ``image`` is shaped (B, 1, R, A, S)."""
+    model.eval()
+    x = image.to(device)
+    with torch.autocast(device.type, enabled=amp):
+        if task == "classify":
+            return torch.sigmoid(model(x).float().squeeze(1)).cpu()
+        from monai.inferers import sliding_window_inference
+
+        logits = sliding_window_inference(
+            x, roi_size=tuple(roi_size), sw_batch_size=4, predictor=model, overlap=0.25
+        )
+        return torch.softmax(torch.as_tensor(logits).float(), dim=1)[:, 1].cpu()
+
+
+class Trainer:
+    """One task's training run; see the module docstring."""
+
+    def __init__(
+        self,
+        task: str,
+        train_cfg: TrainParams,
+        augment: AugmentParams,
+        loader: LoaderParams,
+        processed: Path,
+        out_dir: Path,
+        resolved_config: dict[str, Any] | None = None,
+    ) -> None:
+        if task not in TASKS:
+            raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
+        self.task = task
+        self.cfg = getattr(train_cfg, task)
+        self.train_cfg = train_cfg
+        self.augment = augment
+        self.loader_cfg = loader
+        self.processed = processed
+        self.out_dir = out_dir
+        self.config = resolved_config or {}
+        if self.cfg.spatial_dims != 3:
+            raise ConfigError(f"train.{task}.spatial_dims: only 3 is implemented so far")
+        self.device = resolve_device(train_cfg.device)
+        self.amp = train_cfg.amp and self.device.type == "cuda"
+        self.rank, self.world = _distributed()
+
+    # -- data -------------------------------------------------------------------------
+    def _loaders(self) -> tuple[Any, list[dict[str, Any]], Any]:
+        from monai.data import DataLoader, ThreadDataLoader
+
+        from medimg.transforms import training_transforms
+
+        seg = self.task == "segment"
+        train_items, val_items = _split_items(self.processed, self.train_cfg.fold, seg)
+        self.train_transform = training_transforms(
+            self.task, self.augment, train=True, with_label=seg
+        )
+        ds = build_dataset(train_items, self.train_transform, self.loader_cfg)
+        self.sampler: Any = None
+        if self.world > 1:
+            from torch.utils.data.distributed import DistributedSampler
+
+            self.sampler = DistributedSampler(ds, shuffle=True, seed=self.train_cfg.seed)
+        self.generator = torch.Generator()
+        kwargs: dict[str, Any] = {
+            "batch_size": self.cfg.batch_size,
+            "shuffle": self.sampler is None,
+            "sampler": self.sampler,
+            "generator": self.generator,
+        }
+        loader: DataLoader
+        if self.loader_cfg.workers == 0:
+            loader = ThreadDataLoader(ds, num_workers=0, **kwargs)
+        else:
+            loader = DataLoader(ds, num_workers=self.loader_cfg.workers, **kwargs)
+        val_transform = training_transforms(self.task, self.augment, train=False, with_label=seg)
+        return loader, val_items, val_transform
+
+    # -- steps ------------------------------------------------------------------------
+    def _loss(self) -> nn.Module:
+        if self.task == "classify":
+            return nn.BCEWithLogitsLoss()
+        from monai.losses import DiceCELoss
+
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def _forward_batch(
+        self, model: nn.Module, batch: dict[str, Any], loss_fn: nn.Module
+    ) -> torch.Tensor:
+        x = batch["image"].to(self.device)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            out = model(x)
+            if self.task == "classify":
+                return loss_fn(out.squeeze(1).float(), batch["y"].float().to(self.device))
+            return loss_fn(out.float(), batch["label"].to(self.device))
+
+    def predict(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        return predict(model, image, self.task, self.augment.patch_size, self.device, self.amp)
+
+    def validate(
+        self,
+        model: nn.Module,
+        val_items: Sequence[dict[str, Any]],
+        transform: Any,
+        loss_fn: nn.Module,
+    ) -> tuple[float, float]:
+        from medimg.metrics import auroc, dice
+
+        losses, scores, labels, dices = [], [], [], []
+        for item in val_items:
+            data = transform(dict(item))
+            batch = {
+                k: (v[None] if isinstance(v, torch.Tensor) else torch.tensor([v]))
+                for k, v in data.items()
+                if k in ("image", "label", "y")
+            }
+            model.eval()
+            with torch.no_grad():
+                prob = self.predict(model, batch["image"])
+                if self.task == "classify":
+                    losses.append(float(self._forward_batch(model, batch, loss_fn)))
+                    scores.append(float(prob[0]))
+                    labels.append(int(item["y"]))
+                else:
+                    truth = batch["label"][0, 0].numpy() > 0.5
+                    pred = prob[0].numpy() > 0.5
+                    dices.append(dice(pred, truth))
+                    losses.append(1.0 - dices[-1])
+        metric = (
+            auroc(np.array(labels), np.array(scores))
+            if self.task == "classify"
+            else float(np.mean(dices))
+        )
+        return float(np.mean(losses)), float(metric)
+
+    # -- the run ----------------------------------------------------------------------
+    def run(self, callbacks: Sequence[Callback] = (), resume: bool = False) -> TrainResult:
+        seed_everything(self.train_cfg.seed)
+        loader, val_items, val_transform = self._loaders()
+        model = build_model(self.task, self.cfg).to(self.device)
+        target: Target = "classifier" if self.task == "classify" else "segmenter"
+        report = None
+        if self.cfg.pretrained != "none":
+            from medimg.models.pretrained import load_pretrained
+
+            report = load_pretrained(
+                model, self.cfg.pretrained, target, self.cfg.min_loaded_fraction
+            )
+        from medimg.models.pretrained import freeze_encoder, param_groups
+
+        groups = param_groups(model, target, self.cfg.lr, self.cfg.head_lr_mult)
+        optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        steps_per_epoch = max(1, math.ceil(len(loader) / self.cfg.accumulate))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            _schedule(self.cfg.warmup_epochs * steps_per_epoch, self.cfg.epochs * steps_per_epoch),
+        )
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        net: nn.Module = model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        loss_fn = self._loss()
+        state: dict[str, Any] = {
+            "epoch": 0,
+            "best_metric": -math.inf,
+            "best_epoch": 0,
+            "bad_epochs": 0,
+            "history": [],
+        }
+        ckpt_path = self.out_dir / "checkpoint.pt"
+        if resume and ckpt_path.is_file():
+            ckpt = torch.load(ckpt_path, map_location=self.device, weights_only=True)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            state = {k: ckpt[k] for k in state}
+            log.info("resumed %s training after epoch %d", self.task, state["epoch"])
+        stopped_early = False
+        for epoch in range(state["epoch"] + 1, self.cfg.epochs + 1):
+            if state["bad_epochs"] >= self.cfg.patience:
+                stopped_early = True
+                break
+            t0 = time.perf_counter()
+            # Epoch e's randomness is a function of (seed, e): resuming repeats it exactly.
+            epoch_seed = self.train_cfg.seed * 1000 + epoch
+            seed_everything(epoch_seed)
+            self.generator.manual_seed(epoch_seed)
+            self.train_transform.set_random_state(seed=epoch_seed)
+            if self.sampler is not None:
+                self.sampler.set_epoch(epoch)
+            frozen = epoch <= self.cfg.freeze_encoder_epochs
+            freeze_encoder(model, target, frozen)
+            net.train()
+            total, n = 0.0, 0
+            optimizer.zero_grad(set_to_none=True)
+            for i, batch in enumerate(loader):
+                loss = self._forward_batch(net, batch, loss_fn)
+                scaler.scale(loss / self.cfg.accumulate).backward()
+                if (i + 1) % self.cfg.accumulate == 0 or i + 1 == len(loader):
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                total += float(loss) * len(batch["image"])
+                n += len(batch["image"])
+            val_loss, val_metric = (math.nan, math.nan)
+            if self.rank == 0:
+                val_loss, val_metric = self.validate(model, val_items, val_transform, loss_fn)
+            best = self.rank == 0 and val_metric > state["best_metric"]
+            if best:
+                state.update(best_metric=val_metric, best_epoch=epoch, bad_epochs=0)
+                self._save_weights(model, "model.pt", report)
+            else:
+                state["bad_epochs"] += 1
+            entry = EpochLog(
+                epoch,
+                total / max(n, 1),
+                val_loss,
+                val_metric,
+                float(scheduler.get_last_lr()[0]),
+                time.perf_counter() - t0,
+                best,
+            )
+            state["history"].append(asdict(entry))
+            state["epoch"] = epoch
+            if self.rank == 0:
+                self._checkpoint(model, optimizer, scheduler, scaler, state)
+                for cb in callbacks:
+                    cb(entry)
+            log.info(
+                "%s epoch %d: train loss %.4f, val loss %.4f, val %s %.4f%s",
+                self.task,
+                epoch,
+                entry.train_loss,
+                val_loss,
+                "AUROC" if self.task == "classify" else "Dice",
+                val_metric,
+                " (best)" if best else "",
+            )
+        return TrainResult(
+            task=self.task,
+            best_epoch=int(state["best_epoch"]),
+            best_metric=float(state["best_metric"]),
+            epochs_run=int(state["epoch"]),
+            history=list(state["history"]),
+            stopped_early=stopped_early,
+        )
+
+    def _save_weights(self, model: nn.Module, name: str, report: Any) -> None:
+        payload = {
+            "model": model.state_dict(),
+            "config": json.dumps(self.config, sort_keys=True, default=str),
+            "task": self.task,
+        }
+        with atomic_path(self.out_dir / name, suffix=".tmp.pt") as tmp:
+            torch.save(payload, tmp)
+
+    def _checkpoint(
+        self, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, state: dict[str, Any]
+    ) -> None:
+        payload = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            **state,
+        }
+        with atomic_path(self.out_dir / "checkpoint.pt", suffix=".tmp.pt") as tmp:
+            torch.save(payload, tmp)
+
+
+def train(
+    task: str,
+    train_cfg: TrainParams,
+    augment: AugmentParams,
+    loader: LoaderParams,
+    processed: Path,
+    out_dir: Path,
+    metrics_file: Path | None = None,
+    callbacks: Sequence[Callback] = (),
+    resume: bool = False,
+    resolved_config: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train one task; write ``out_dir/model.pt`` (best weights), ``checkpoint.pt``,
+    ``config.json`` and, when given, ``metrics_file`` (history and best epoch)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(task, train_cfg, augment, loader, processed, out_dir, resolved_config)
+    result = trainer.run(callbacks, resume=resume)
+    if trainer.rank == 0:
+        atomic_write_text(
+            out_dir / "config.json",
+            json.dumps(resolved_config or {}, indent=1, sort_keys=True, default=str),
+        )
+        if metrics_file is not None:
+            summary = {
+                "best_epoch": result.best_epoch,
+                "best_val_metric": round(result.best_metric, 6),
+                "val_metric": "auroc" if task == "classify" else "dice",
+                "epochs_run": result.epochs_run,
+                "stopped_early": result.stopped_early,
+                # wall-clock seconds vary run to run: kept out of the tracked metrics file
+                "history": [{k: v for k, v in h.items() if k != "seconds"} for h in result.history],
+            }
+            atomic_write_text(metrics_file, json.dumps(summary, indent=1, sort_keys=True))
+    return result
