@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
+# The demo's data is synthetic, so its pseudonym key may be public: that makes the demo's
+# keys, splits and metrics the same on every machine. Real data gets a secret .medimg-salt.
+demo: export MEDIMG_SALT ?= medimg-demo-synthetic-data-only
 demo: $(STAMP)
 	$(BIN)/medimg synth
 	$(BIN)/medimg ingest

@@ -23,7 +23,7 @@ from medimg import metrics as M
 from medimg import plots
 from medimg.config import Params
 from medimg.errors import ConfigError
-from medimg.io import atomic_write_text
+from medimg.io import atomic_path, atomic_write_text
 from medimg.train import build_model, predict, resolve_device
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,8 @@ def evaluate(
         result["n_test_series_with_lesion"] = len(lesions)
         result.update(_breakdowns(lesions, mean("dice")))
         plots.plot_per_case(lesions[["key", "dice"]], "dice", plots_dir, "dice_per_case", key="key")
+    with atomic_path(plots_dir / "cases.csv") as tmp:  # per case, pseudonymous keys only
+        pred.to_csv(tmp, index=False)
     train_metrics = metrics_file.parent / f"{task}_train.json"
     if train_metrics.is_file():
         plots.plot_training_curves(json.loads(train_metrics.read_text())["history"], plots_dir)

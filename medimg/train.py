@@ -217,7 +217,9 @@ class Trainer:
             return nn.BCEWithLogitsLoss()
         from monai.losses import DiceCELoss
 
-        return DiceCELoss(to_onehot_y=True, softmax=True)
+        # Dice on the lesion channel only: with the background in, an all-background
+        # prediction already scores half the loss on small lesions.
+        return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
 
     def _forward_batch(
         self, model: nn.Module, batch: dict[str, Any], loss_fn: nn.Module
@@ -259,13 +261,13 @@ class Trainer:
                 else:
                     truth = batch["label"][0, 0].numpy() > 0.5
                     pred = prob[0].numpy() > 0.5
-                    dices.append(dice(pred, truth))
-                    losses.append(1.0 - dices[-1])
-        metric = (
-            auroc(np.array(labels), np.array(scores))
-            if self.task == "classify"
-            else float(np.mean(dices))
-        )
+                    if truth.any():  # Dice is measured on volumes with a lesion
+                        dices.append(dice(pred, truth))
+                    losses.append(1.0 - dice(pred, truth))
+        if self.task == "classify":
+            metric = auroc(np.array(labels), np.array(scores))
+        else:
+            metric = float(np.mean(dices)) if dices else math.nan
         return float(np.mean(losses)), float(metric)
 
     # -- the run ----------------------------------------------------------------------
@@ -346,12 +348,20 @@ class Trainer:
             val_loss, val_metric = (math.nan, math.nan)
             if self.rank == 0:
                 val_loss, val_metric = self.validate(model, val_items, val_transform, loss_fn)
-            best = self.rank == 0 and val_metric > state["best_metric"]
+            # a validation fold with one class has no AUROC: fall back to its loss
+            score = val_metric if math.isfinite(val_metric) else -val_loss
+            best = self.rank == 0 and score > state["best_metric"]
             if best:
-                state.update(best_metric=val_metric, best_epoch=epoch, bad_epochs=0)
+                state.update(best_metric=score, best_epoch=epoch, bad_epochs=0)
                 self._save_weights(model, "model.pt", report)
             else:
                 state["bad_epochs"] += 1
+            if self.world > 1:  # every rank follows rank 0's early-stopping state
+                import torch.distributed as dist
+
+                shared = [state["bad_epochs"], state["best_metric"], state["best_epoch"]]
+                dist.broadcast_object_list(shared, src=0)
+                state["bad_epochs"], state["best_metric"], state["best_epoch"] = shared
             entry = EpochLog(
                 epoch,
                 total / max(n, 1),
@@ -377,6 +387,10 @@ class Trainer:
                 val_metric,
                 " (best)" if best else "",
             )
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
         return TrainResult(
             task=self.task,
             best_epoch=int(state["best_epoch"]),
@@ -426,8 +440,16 @@ def train(
     ``config.json`` and, when given, ``metrics_file`` (history and best epoch)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(task, train_cfg, augment, loader, processed, out_dir, resolved_config)
-    result = trainer.run(callbacks, resume=resume)
+    try:
+        result = trainer.run(callbacks, resume=resume)
+    finally:
+        if trainer.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
     if trainer.rank == 0:
+        write_model_card(out_dir / "model_card.md", task, trainer, result)
         atomic_write_text(
             out_dir / "config.json",
             json.dumps(resolved_config or {}, indent=1, sort_keys=True, default=str),
@@ -444,3 +466,49 @@ def train(
             }
             atomic_write_text(metrics_file, json.dumps(summary, indent=1, sort_keys=True))
     return result
+
+
+def write_model_card(path: Path, task: str, trainer: Trainer, result: TrainResult) -> None:
+    """A short human-readable card: what the model is, what it saw, how to use it."""
+    table = pd.read_parquet(trainer.processed / "manifest.parquet")
+    fold = str(trainer.train_cfg.fold)
+    train = table[(table["split"] != "test") & (table["split"] != fold)]
+    val = table[table["split"] == fold]
+    cfg = trainer.cfg
+    metric = "AUROC" if task == "classify" else "mean Dice (volumes with a lesion)"
+    what = (
+        "Diagnosis: probability that a CT or MR volume shows a lesion (one logit)."
+        if task == "classify"
+        else "Segmentation: lesion probability per voxel (background / lesion)."
+    )
+    lines = [
+        f"# medimg {task} model",
+        "",
+        f"**What it does.** {what}",
+        "",
+        f"**Architecture.** {cfg.arch} ({cfg.spatial_dims}D"
+        + (", ResNet encoder in a MONAI FlexibleUNet" if task == "segment" else ", MONAI ResNet")
+        + f"), first-conv stride {cfg.conv1_stride}; initialised from `{cfg.pretrained}`.",
+        "",
+        "**Data.** Preprocessed volumes (see the `preprocess` section of the resolved config):"
+        f" {len(train)} training volumes of {train['patient'].nunique()} patients,"
+        f" {len(val)} validation volumes of {val['patient'].nunique()} patients (fold {fold});"
+        f" modalities {sorted(set(train['modality']))}, vendors {sorted(set(train['vendor']))}."
+        " Test patients were never seen in training or model selection.",
+        "",
+        f"**Training.** {result.epochs_run} epochs (best {result.best_epoch}, validation {metric}"
+        f" {result.best_metric:.3f}), AdamW lr {cfg.lr}, batch {cfg.batch_size},"
+        f" seed {trainer.train_cfg.seed}.",
+        "",
+        "**Evaluation.** Test-set metrics with 95 % patient-level bootstrap intervals are in"
+        f" `metrics/{task}.json` and in the MLflow run.",
+        "",
+        "**Intended use.** Research and pipeline validation. Not a medical device; not for"
+        " clinical decisions.",
+        "",
+        "**Limitations.** Trained on the data above only: other scanners, protocols, body"
+        " regions or lesion types are out of distribution. Inputs must go through the same"
+        " ingest and preprocessing (the config stored with the model).",
+        "",
+    ]
+    atomic_write_text(path, "\n".join(lines))

@@ -98,8 +98,15 @@ def process_cohort(
 ) -> Processed:
     """Ingest and preprocess ``cohort`` under ``root`` (salt file default: in root)."""
     from medimg import stages
-    from medimg.config import IngestParams, PreprocessParams
+    from medimg.config import IngestParams, PreprocessParams, SplitParams
 
+    if salt is None:  # a fixed key: the same pseudonyms, hence splits, in every session
+        salt = root / "salt"
+        root.mkdir(parents=True, exist_ok=True)
+        salt.write_text(
+            "medimg-test-salt-24"
+        )  # chosen so both folds and the test set hold both labels
+        salt.chmod(0o600)
     data = DataParams(
         raw=cohort.raw,
         labels=cohort.labels,
@@ -110,8 +117,9 @@ def process_cohort(
     params = Params(
         data=data,
         synth=cohort.params.synth,
-        ingest=IngestParams(salt_file=salt or root / "salt"),
+        ingest=IngestParams(salt_file=salt),
         preprocess=PreprocessParams(**preprocess),  # type: ignore[arg-type]
+        split=SplitParams(n_folds=2, test_fraction=0.25),
     )
     stages.ingest(params)
     qc = stages.preprocess(params)

@@ -1,0 +1,122 @@
+"""Training: the loss falls, runs repeat exactly, a killed run resumes to the same end,
+checkpoints load with weights_only, and DDP runs on two CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from medimg.config import Params, TaskTrainParams, TrainParams
+from tests.conftest import Processed, tool_path
+
+
+def _fold(p: Processed) -> int:
+    """A validation fold holding both labels."""
+    table = pd.read_parquet(p.processed / "manifest.parquet")
+    for split, group in table[table["split"] != "test"].groupby("split"):
+        rest = table[(table["split"] != "test") & (table["split"] != split)]
+        if group["label"].nunique() == 2 and rest["label"].nunique() == 2:
+            return int(split)
+    pytest.fail("no fold of the tiny cohort holds both labels")
+
+
+def _params(p: Processed, out: Path, epochs: int = 3, **task: object) -> Params:
+    data = p.params.data.model_copy(
+        update={"models": out / "models", "metrics": out / "metrics", "plots": out / "plots"}
+    )
+    train = TrainParams(
+        fold=_fold(p),
+        classify=TaskTrainParams(arch="resnet10", epochs=epochs, batch_size=4, patience=50, **task),  # type: ignore[arg-type]
+        segment=TaskTrainParams(arch="resnet18", epochs=epochs, batch_size=2, patience=50, **task),  # type: ignore[arg-type]
+    )
+    return p.params.model_copy(update={"data": data, "train": train})
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_classifier_learns_and_repeats_exactly(tiny_processed: Processed, tmp_path: Path) -> None:
+    from medimg import stages
+
+    seen: list = []
+    a = stages.train(
+        _params(tiny_processed, tmp_path / "a", epochs=4, lr=3e-3),
+        "classify",
+        callbacks=[seen.append],
+    )
+    assert [e.epoch for e in seen] == [1, 2, 3, 4]
+    assert a.history[-1]["train_loss"] < a.history[0]["train_loss"]  # the loss falls
+    b = stages.train(_params(tiny_processed, tmp_path / "b", epochs=4, lr=3e-3), "classify")
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    assert strip(a.history) == strip(b.history)
+    m = json.loads((tmp_path / "a" / "metrics" / "classify_train.json").read_text())
+    assert m["best_epoch"] == a.best_epoch and len(m["history"]) == 4
+    weights = torch.load(tmp_path / "a" / "models" / "classify" / "model.pt", weights_only=True)
+    assert "fc.weight" in weights["model"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tiny_processed: Processed, tmp_path: Path) -> None:
+    from medimg import stages
+
+    whole = stages.train(_params(tiny_processed, tmp_path / "whole", epochs=4), "segment")
+
+    def kill_after_two(entry: object) -> None:
+        if entry.epoch == 2:
+            raise Stop
+
+    params = _params(tiny_processed, tmp_path / "cut", epochs=4)
+    with pytest.raises(Stop):
+        stages.train(params, "segment", callbacks=[kill_after_two])
+    ckpt = torch.load(tmp_path / "cut" / "models" / "segment" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2
+    resumed = stages.train(params, "segment", resume=True)
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    assert strip(resumed.history) == strip(whole.history)
+    assert resumed.best_metric == whole.best_metric
+    a = torch.load(tmp_path / "whole" / "models" / "segment" / "model.pt", weights_only=True)[
+        "model"
+    ]
+    b = torch.load(tmp_path / "cut" / "models" / "segment" / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tiny_processed: Processed, tmp_path: Path) -> None:
+    params = _params(tiny_processed, tmp_path, epochs=1)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            tool_path("torchrun"),
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "medimg.cli",
+            "train",
+            "--task",
+            "classify",
+            "--params",
+            str(params_file),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "models" / "classify" / "model.pt").is_file()
+    m = json.loads((tmp_path / "metrics" / "classify_train.json").read_text())
+    assert m["epochs_run"] == 1
