@@ -30,6 +30,10 @@ demo: $(STAMP)
 	$(BIN)/medimg synth
 	$(BIN)/medimg ingest
 	$(BIN)/medimg preprocess
+	$(BIN)/medimg train --task segment
+	$(BIN)/medimg evaluate --task segment
+	$(BIN)/medimg train --task classify
+	$(BIN)/medimg evaluate --task classify
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -43,4 +47,4 @@ bench: $(STAMP)
 	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
 
 clean:
-	rm -rf data/raw data/masks data/labels.csv data/synth_truth.csv data/synth_truth.params.json data/interim
+	rm -rf data models metrics plots

@@ -56,10 +56,10 @@ class SynthParams(StrictModel):
     mr_fraction: Fraction = 0.3  # share of studies that are MR (the rest are CT)
     positive_fraction: Fraction = 0.5  # share of patients carrying lesions (label 1)
     lesions_per_positive: IntRange = (1, 2)  # [min, max] lesions in a positive patient
-    lesion_radius_mm: Range = (14.0, 22.0)  # [min, max] ellipsoid semi-axis, mm
-    lesion_contrast_hu: float = 70.0  # lesion mean above soft tissue, Hounsfield units
+    lesion_radius_mm: Range = (20.0, 30.0)  # [min, max] ellipsoid semi-axis, mm
+    lesion_contrast_hu: float = 90.0  # lesion mean above soft tissue, Hounsfield units
     matrix: int = Field(64, ge=8, le=1024)  # in-plane rows = columns, pixels
-    n_slices: int = Field(32, ge=2, le=2048)  # slices per series
+    n_slices: int = Field(40, ge=2, le=2048)  # slices per series
     fov_mm: Range = (340.0, 380.0)  # [min, max] in-plane field of view, mm
     slice_spacing_mm: Range = (4.0, 6.0)  # [min, max] distance between slice centres, mm
     orientations: tuple[Orientation, ...] = Field(
@@ -174,14 +174,14 @@ class TaskTrainParams(StrictModel):
     min_loaded_fraction: Fraction = 0.9  # fail when fewer backbone tensors load
     freeze_encoder_epochs: int = Field(0, ge=0)  # encoder frozen for the first N epochs
     head_lr_mult: float = Field(1.0, gt=0)  # learning-rate multiplier of the new head
-    epochs: int = Field(20, ge=1)  # upper bound; early stopping may end sooner
+    epochs: int = Field(15, ge=1)  # upper bound; early stopping may end sooner
     batch_size: int = Field(4, ge=1)  # volumes per step (segmentation: volumes, each
     # giving augment.patches_per_volume patches)
     accumulate: int = Field(1, ge=1)  # gradient accumulation steps
     lr: float = Field(1e-3, gt=0)  # peak learning rate, AdamW
     weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: int = Field(1, ge=0)  # linear warm-up, then cosine decay to zero
-    patience: int = Field(6, ge=1)  # epochs without validation improvement before stopping
+    patience: int = Field(15, ge=1)  # epochs without validation improvement before stopping
     decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 8)  # segmentation decoder widths
 
 
@@ -192,8 +192,12 @@ class TrainParams(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
     amp: bool = True  # mixed precision (on CUDA only)
     fold: int = Field(0, ge=0)  # the validation fold; the other folds train
-    classify: TaskTrainParams = TaskTrainParams(arch="resnet10")
-    segment: TaskTrainParams = TaskTrainParams(arch="resnet18", batch_size=2)
+    # The demo segments first, then starts the classifier from the segmenter's encoder:
+    # dense lesion supervision is the "related task" pretraining a CPU can afford.
+    classify: TaskTrainParams = TaskTrainParams(
+        arch="resnet18", pretrained="models/segment/model.pt"
+    )
+    segment: TaskTrainParams = TaskTrainParams(arch="resnet18", batch_size=2, lr=0.002)
 
 
 class Params(StrictModel):

@@ -96,6 +96,11 @@ def train(
     """Fine-tune the model of ``task`` (classify or segment) on the preprocessed data."""
     from medimg.train import train as run
 
+    cfg = getattr(params.train, task)
+    source = cfg.pretrained
+    if source != "none" and ":/" not in source and not Path(source).is_absolute():
+        cfg = cfg.model_copy(update={"pretrained": str(_at(root, Path(source)))})
+        params = params.model_copy(update={"train": params.train.model_copy(update={task: cfg})})
     d = params.data
     return run(
         task,
