@@ -135,7 +135,7 @@ class PreprocessParams(StrictModel):
 class SplitParams(StrictModel):
     """Patient-level splits: k folds plus a held-out test set, stable under additions."""
 
-    salt: str = "medimg-split-v1"  # hash salt of the assignment; change it to reshuffle
+    salt: str = "medimg-split-v0"  # hash salt of the assignment; change it to reshuffle
     test_fraction: Fraction = 0.2  # share of patients held out for the final test
     n_folds: int = Field(5, ge=2)  # cross-validation folds among the other patients
 
@@ -195,7 +195,7 @@ class TrainParams(StrictModel):
     # The demo segments first, then starts the classifier from the segmenter's encoder:
     # dense lesion supervision is the "related task" pretraining a CPU can afford.
     classify: TaskTrainParams = TaskTrainParams(
-        arch="resnet18", pretrained="models/segment/model.pt"
+        arch="resnet18", pretrained="models/segment/model.pt", epochs=20
     )
     segment: TaskTrainParams = TaskTrainParams(arch="resnet18", batch_size=2, lr=0.002)
 

@@ -120,3 +120,45 @@ def test_ddp_on_two_cpu_processes(tiny_processed: Processed, tmp_path: Path) -> 
     assert (tmp_path / "models" / "classify" / "model.pt").is_file()
     m = json.loads((tmp_path / "metrics" / "classify_train.json").read_text())
     assert m["epochs_run"] == 1
+
+
+@pytest.mark.slow
+def test_pretrained_initialisation_converges_faster(
+    tiny_processed: Processed, tmp_path: Path
+) -> None:
+    """A classifier started from an encoder trained on a related synthetic task (lesion
+    segmentation on another cohort) reaches scratch's best validation loss sooner."""
+    from medimg import stages
+    from medimg.models.pretrained import load_pretrained
+    from medimg.models.resnet import build_classifier
+    from tests.conftest import TINY_SYNTH, process_cohort, write_cohort
+
+    related = write_cohort(tmp_path / "related", TINY_SYNTH.model_copy(update={"seed": 11}))
+    source = process_cohort(related, tmp_path / "related_processed")
+    stages.train(_params(source, tmp_path / "pre", epochs=6), "segment")
+    weights = tmp_path / "pre" / "models" / "segment" / "model.pt"
+
+    report = load_pretrained(
+        build_classifier(TaskTrainParams(arch="resnet18")), weights, "classifier"
+    )
+    assert report.n_model_backbone == len(report.loaded) == 85  # every ResNet-18 tensor but fc
+    assert report.missing == [] and report.skipped_shape == []
+
+    def run(name: str, pretrained: str) -> list[float]:
+        params = _params(tiny_processed, tmp_path / name, epochs=6, pretrained=pretrained)
+        params = params.model_copy(
+            update={
+                "train": params.train.model_copy(
+                    update={
+                        "classify": params.train.classify.model_copy(update={"arch": "resnet18"})
+                    }
+                )
+            }
+        )
+        return [h["val_loss"] for h in stages.train(params, "classify").history]
+
+    scratch = run("scratch", "none")
+    warm = run("warm", str(weights))
+    target = min(scratch)
+    first = lambda losses: next((i for i, v in enumerate(losses) if v <= target), len(losses))  # noqa: E731
+    assert first(warm) < first(scratch), (warm, scratch)
