@@ -195,7 +195,11 @@ class TrainParams(StrictModel):
     # The demo segments first, then starts the classifier from the segmenter's encoder:
     # dense lesion supervision is the "related task" pretraining a CPU can afford.
     classify: TaskTrainParams = TaskTrainParams(
-        arch="resnet18", pretrained="models/segment/model.pt", epochs=20
+        arch="resnet18",
+        pretrained="models/segment/model.pt",
+        epochs=20,
+        freeze_encoder_epochs=3,
+        head_lr_mult=10.0,
     )
     segment: TaskTrainParams = TaskTrainParams(arch="resnet18", batch_size=2, lr=0.002)
 

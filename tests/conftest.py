@@ -119,7 +119,7 @@ def process_cohort(
         synth=cohort.params.synth,
         ingest=IngestParams(salt_file=salt),
         preprocess=PreprocessParams(**preprocess),  # type: ignore[arg-type]
-        split=SplitParams(n_folds=2, test_fraction=0.25),
+        split=SplitParams(salt="medimg-split-v1", n_folds=2, test_fraction=0.25),
     )
     stages.ingest(params)
     qc = stages.preprocess(params)
