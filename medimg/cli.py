@@ -71,6 +71,18 @@ def _progress(description: str) -> Iterator[Progress]:
         yield update
 
 
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """A medimg error ends the command with its message (it names file and fix), exit 1."""
+    from medimg.errors import MedImgError
+
+    try:
+        yield
+    except MedImgError as e:
+        typer.secho(str(e), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from e
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     _setup_logging(verbose)
@@ -86,7 +98,6 @@ def synth(
 ) -> None:
     """Write the built-in synthetic DICOM cohort (demo and tests)."""
     from medimg import stages
-    from medimg.errors import MedImgError
 
     params = _load(params_file)
     if out is not None:
@@ -99,12 +110,8 @@ def synth(
             }
         )
         params = params.model_copy(update={"data": data})
-    try:
-        with _progress("synth: series") as progress:
-            counts = stages.synth(params, progress=progress, force=force)
-    except MedImgError as e:
-        typer.secho(str(e), fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from e
+    with _user_errors(), _progress("synth: series") as progress:
+        counts = stages.synth(params, progress=progress, force=force)
     typer.echo(
         f"wrote {counts['series']} series ({counts['files']} files) for {counts['patients']} "
         f"patients, {counts['positives']} with lesions, to {params.data.raw}"
@@ -121,7 +128,6 @@ def ingest(
 ) -> None:
     """Ingest a DICOM folder: series, geometry checks, QC, de-identified volumes, manifest."""
     from medimg import stages
-    from medimg.errors import MedImgError
 
     params = _load(params_file)
     update = {
@@ -135,12 +141,8 @@ def ingest(
         if v is not None
     }
     params = params.model_copy(update={"data": params.data.model_copy(update=update)})
-    try:
-        with _progress("ingest: series") as progress:
-            summary = stages.ingest(params, progress=progress)
-    except MedImgError as e:
-        typer.secho(str(e), fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from e
+    with _user_errors(), _progress("ingest: series") as progress:
+        summary = stages.ingest(params, progress=progress)
     typer.echo(
         f"{summary['n_stacks']} volumes ({summary['n_processed']} new, {summary['n_reused']} "
         f"unchanged, {summary['n_flagged']} flagged), {summary['n_quarantined_files']} files "
@@ -152,15 +154,10 @@ def ingest(
 def preprocess(params_file: Path = PARAMS_OPTION) -> None:
     """Preprocess ingested volumes with MONAI and write patient-level splits."""
     from medimg import stages
-    from medimg.errors import MedImgError
 
     params = _load(params_file)
-    try:
-        with _progress("preprocess: volumes") as progress:
-            qc = stages.preprocess(params, progress=progress)
-    except MedImgError as e:
-        typer.secho(str(e), fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from e
+    with _user_errors(), _progress("preprocess: volumes") as progress:
+        qc = stages.preprocess(params, progress=progress)
     parts = ", ".join(
         f"{name}: {s['patients']} patients ({s['positive_patients']} positive)"
         for name, s in qc["splits"].items()
@@ -179,14 +176,10 @@ def train(
 ) -> None:
     """Fine-tune a pretrained ResNet (classify) or ResNet-encoder U-Net (segment)."""
     from medimg import stages
-    from medimg.errors import MedImgError
 
     params = _load(params_file)
-    try:
+    with _user_errors():
         result = stages.train(params, task, resume=resume)
-    except MedImgError as e:
-        typer.secho(str(e), fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from e
     metric = "AUROC" if task == "classify" else "Dice"
     typer.echo(
         f"{task}: best validation {metric} {result.best_metric:.3f} at epoch {result.best_epoch} "
@@ -198,14 +191,10 @@ def train(
 def evaluate(task: str = TASK_OPTION, params_file: Path = PARAMS_OPTION) -> None:
     """Evaluate on held-out test patients: metrics with 95 % CIs, plots."""
     from medimg import stages
-    from medimg.errors import MedImgError
 
     params = _load(params_file)
-    try:
+    with _user_errors():
         result = stages.evaluate(params, task)
-    except MedImgError as e:
-        typer.secho(str(e), fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from e
     for name, m in result["metrics"].items():
         if m:
             typer.echo(f"{task} {name}: {m['value']} (95% CI {m['ci_lower']} to {m['ci_upper']})")

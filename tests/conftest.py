@@ -130,3 +130,27 @@ def process_cohort(
 def tiny_processed(tiny_cohort: Cohort, tmp_path_factory: pytest.TempPathFactory) -> Processed:
     """The tiny cohort, ingested and preprocessed with default params; do not modify."""
     return process_cohort(tiny_cohort, tmp_path_factory.mktemp("processed"))
+
+
+def make_series(folder: Path, src: Path, n: int = 3, **changes: object) -> tuple[str, list[Path]]:
+    """Copy one real image into an n-slice series: fresh UIDs, axial, 5 mm apart, and
+    ``changes`` set on every slice. Returns the SeriesInstanceUID and the files."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    uid = generate_uid()
+    paths = []
+    for k in range(n):
+        ds = pydicom.dcmread(src)
+        ds.SeriesInstanceUID = uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.ImagePositionPatient = [0.0, 0.0, 5.0 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.InstanceNumber = k + 1
+        for key, value in changes.items():
+            setattr(ds, key, value)
+        path = folder / f"IM{k}"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return uid, paths

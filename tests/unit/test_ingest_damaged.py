@@ -19,30 +19,15 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medimg.dicom.deid import Pseudonymizer, load_or_create_salt
-from tests.conftest import Cohort
+from tests.conftest import Cohort, make_series
 from tests.unit.test_ingest import run_ingest
 
 CT = Path(get_testdata_file("CT_small.dcm"))
 
 
 def series(folder: Path, n: int = 3, src: Path = CT, **changes: object) -> list[Path]:
-    """A clean n-slice series (fresh UIDs, 5 mm apart) made from one real CT image."""
-    folder.mkdir(parents=True, exist_ok=True)
-    uid = generate_uid()
-    paths = []
-    for k in range(n):
-        ds = pydicom.dcmread(src)
-        ds.SeriesInstanceUID = uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.ImagePositionPatient = [0.0, 0.0, 5.0 * k]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.InstanceNumber = k + 1
-        for key, value in changes.items():
-            setattr(ds, key, value)
-        path = folder / f"IM{k}"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    """A clean n-slice series made from one real CT image."""
+    return make_series(folder, src, n, **changes)[1]
 
 
 def edit(path: Path, fn: Callable[[Dataset], None]) -> None:

@@ -21,7 +21,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from medimg.dicom.deid import ANNEX_E, Pseudonymizer, load_or_create_salt
-from tests.conftest import TINY_SYNTH, Cohort, write_cohort
+from tests.conftest import TINY_SYNTH, Cohort, make_series, write_cohort
 from tests.unit.test_ingest import run_ingest
 
 PIXEL_VARIANTS = [
@@ -35,20 +35,9 @@ PIXEL_VARIANTS = [
 
 
 def _stack_of(src: Path, folder: Path, n: int = 3, **changes: object) -> str:
-    """Copy one image into an n-slice series (new UIDs, positions 5 mm apart)."""
+    """Copy one image into an n-slice series; returns its SeriesInstanceUID."""
     folder.mkdir(parents=True)
-    series = generate_uid()
-    for k in range(n):
-        ds = pydicom.dcmread(src)
-        ds.SeriesInstanceUID = series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.ImagePositionPatient = [0.0, 0.0, 5.0 * k]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.InstanceNumber = k + 1
-        for key, value in changes.items():
-            setattr(ds, key, value)
-        ds.save_as(folder / f"s{k}", enforce_file_format=True)
-    return series
+    return make_series(folder, src, n, **changes)[0]
 
 
 def test_compressed_and_unusual_encodings_give_identical_volumes(tmp_path: Path) -> None:
