@@ -254,10 +254,12 @@ class Trainer:
             model.eval()
             with torch.no_grad():
                 prob = self.predict(model, batch["image"])
-                if self.task == "classify":
-                    losses.append(float(self._forward_batch(model, batch, loss_fn)))
+                if self.task == "classify":  # the loss from the same probability, no 2nd pass
+                    p = prob[0].clamp(1e-7, 1 - 1e-7)
+                    y = float(item["y"])
+                    losses.append(-float(y * torch.log(p) + (1 - y) * torch.log(1 - p)))
                     scores.append(float(prob[0]))
-                    labels.append(int(item["y"]))
+                    labels.append(int(y))
                 else:
                     truth = batch["label"][0, 0].numpy() > 0.5
                     pred = prob[0].numpy() > 0.5
