@@ -89,7 +89,7 @@ def main() -> None:
         for kind in ("cache", "plain"):
             cfg = LoaderParams(dataset=kind, cache_gib=2.0)  # type: ignore[arg-type]
             ds = build_dataset(data, transform, cfg)
-            loader = build_loader(ds, cfg, batch_size=args.batch, shuffle=True)
+            loader = build_loader(ds, cfg, batch_size=args.batch, shuffle=True, prefetch=True)
             model = resnet18(spatial_dims=3, n_input_channels=1, num_classes=1, conv1_t_stride=2)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             epoch(loader, model, opt)  # warm-up epoch (fills the cache, warms kernels)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from medimg.config import AugmentParams, LoaderParams, TaskTrainParams, TrainParams
-from medimg.data.datasets import build_dataset, items
+from medimg.data.datasets import build_dataset, build_loader, items
 from medimg.errors import ConfigError, DataError
 from medimg.io import atomic_path, atomic_write_text
 from medimg.models.pretrained import Target
@@ -181,8 +181,6 @@ class Trainer:
 
     # -- data -------------------------------------------------------------------------
     def _loaders(self) -> tuple[Any, list[dict[str, Any]], Any]:
-        from monai.data import DataLoader, ThreadDataLoader
-
         from medimg.transforms import training_transforms
 
         seg = self.task == "segment"
@@ -197,17 +195,15 @@ class Trainer:
 
             self.sampler = DistributedSampler(ds, shuffle=True, seed=self.train_cfg.seed)
         self.generator = torch.Generator()
-        kwargs: dict[str, Any] = {
-            "batch_size": self.cfg.batch_size,
-            "shuffle": self.sampler is None,
-            "sampler": self.sampler,
-            "generator": self.generator,
-        }
-        loader: DataLoader
-        if self.loader_cfg.workers == 0:
-            loader = ThreadDataLoader(ds, num_workers=0, **kwargs)
-        else:
-            loader = DataLoader(ds, num_workers=self.loader_cfg.workers, **kwargs)
+        loader = build_loader(
+            ds,
+            self.loader_cfg,
+            batch_size=self.cfg.batch_size,
+            shuffle=True,
+            prefetch=self.device.type == "cuda",
+            sampler=self.sampler,
+            generator=self.generator,
+        )
         val_transform = training_transforms(self.task, self.augment, train=False, with_label=seg)
         return loader, val_items, val_transform
 
