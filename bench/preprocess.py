@@ -23,16 +23,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from cohort import scratch_params
 from monai.networks.nets import resnet18
 
 from medimg import stages
 from medimg.config import (
     AugmentParams,
-    DataParams,
-    IngestParams,
     LoaderParams,
-    Params,
-    SynthParams,
 )
 from medimg.data.datasets import build_dataset, build_loader, items
 from medimg.transforms import training_transforms
@@ -65,15 +62,7 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        params = Params(
-            data=DataParams(
-                raw=root / "raw", masks=root / "masks", labels=root / "labels.csv",
-                synth_truth=root / "truth.csv", interim=root / "interim",
-                processed=root / "processed",
-            ),
-            synth=SynthParams(n_patients=args.patients),
-            ingest=IngestParams(salt_file=root / "salt"),
-        )  # fmt: skip
+        params = scratch_params(root, args.patients)
         stages.synth(params)
         stages.ingest(params)
         t0 = time.perf_counter()

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 import torch
+from cohort import scratch_params
 
 from medimg import stages
-from medimg.config import DataParams, IngestParams, Params, SynthParams, TaskTrainParams
+from medimg.config import Params, TaskTrainParams
 from medimg.train import _split_items, build_model, seed_everything
 from medimg.transforms import training_transforms
 
@@ -63,15 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        params = Params(
-            data=DataParams(
-                raw=root / "raw", masks=root / "masks", labels=root / "labels.csv",
-                synth_truth=root / "truth.csv", interim=root / "interim",
-                processed=root / "processed", models=root / "models", metrics=root / "metrics",
-            ),
-            synth=SynthParams(n_patients=args.patients),
-            ingest=IngestParams(salt_file=root / "salt"),
-        )  # fmt: skip
+        params = scratch_params(root, args.patients)
         cls = TaskTrainParams(arch="resnet18", epochs=args.epochs, patience=args.epochs + 1)
         params = params.model_copy(
             update={"train": params.train.model_copy(update={"classify": cls})}
