@@ -32,10 +32,6 @@ def write_manifest(records: list[dict[str, Any]], path: Path) -> None:
         frame.to_parquet(tmp, index=False)
 
 
-def read_manifest(path: Path) -> pd.DataFrame:
-    return pd.read_parquet(path)
-
-
 def write_quarantine(rejected: Iterable[Rejection], root: Path, path: Path) -> list[dict[str, str]]:
     """``file,reason,detail`` per set-aside file, paths relative to the input folder."""
     rows: dict[tuple[str, str], dict[str, str]] = {}

@@ -34,6 +34,8 @@ IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
     "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image Storage",
 }
+# Enhanced and legacy-converted objects: every frame's geometry in functional groups.
+MULTIFRAME_SOP_CLASSES = frozenset(k for k, v in IMAGE_SOP_CLASSES.items() if "Enhanced" in v)
 
 
 @dataclass(frozen=True)
@@ -88,12 +90,7 @@ class Instance:
 
     @property
     def multiframe(self) -> bool:
-        return self.sop_class in {
-            "1.2.840.10008.5.1.4.1.1.2.1",
-            "1.2.840.10008.5.1.4.1.1.2.2",
-            "1.2.840.10008.5.1.4.1.1.4.1",
-            "1.2.840.10008.5.1.4.1.1.4.4",
-        }
+        return self.sop_class in MULTIFRAME_SOP_CLASSES
 
 
 class _Header:
@@ -278,8 +275,7 @@ def _classify(path: Path, stat: os.stat_result, ds: Dataset) -> Instance | Rejec
         if h.get(keyword) in (None, ""):
             series = str(h.get("SeriesInstanceUID", "") or "")
             return Rejection(path, "missing_tag", f"{keyword} is missing", series)
-    multiframe = sop_class in {k for k, v in IMAGE_SOP_CLASSES.items() if "Enhanced" in v}
-    frames = _frames(ds, multiframe)
+    frames = _frames(ds, sop_class in MULTIFRAME_SOP_CLASSES)
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     instance_number = h.get("InstanceNumber")
