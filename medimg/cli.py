@@ -10,7 +10,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -198,6 +198,70 @@ def evaluate(task: str = TASK_OPTION, params_file: Path = PARAMS_OPTION) -> None
     for name, m in result["metrics"].items():
         if m:
             typer.echo(f"{task} {name}: {m['value']} (95% CI {m['ci_lower']} to {m['ci_upper']})")
+
+
+def _decision(task: str, d: Any) -> None:
+    status = "champion" if d.promoted else "challenger (champion unchanged)"
+    typer.echo(f"{task}: version {d.version} is {status}: {d.reason}")
+    if d.difference is not None:
+        typer.echo(
+            f"  {d.metric}: challenger {d.challenger_value:.4f}, champion (v{d.champion_version})"
+            f" {d.champion_value:.4f}, difference {d.difference:+.4f} (95% CI {d.ci_low:+.4f}"
+            f" to {d.ci_high:+.4f}, {d.n_patients} test patients)"
+        )
+
+
+@app.command()
+def register(task: str = TASK_OPTION, params_file: Path = PARAMS_OPTION) -> None:
+    """Register the evaluated model (alias challenger); promote it to champion if it beats
+    the champion on the same test patients (registry.gate)."""
+    from medimg import stages
+
+    params = _load(params_file)
+    with _user_errors():
+        _decision(task, stages.register(params, task))
+
+
+@app.command()
+def promote(
+    task: str = TASK_OPTION,
+    version: str | None = typer.Option(None, help="Registered version (default: challenger)."),
+    force: bool = typer.Option(False, help="Make it champion without the gate."),
+    reason: str = typer.Option("", help="Why (required with --force; recorded)."),
+    params_file: Path = PARAMS_OPTION,
+) -> None:
+    """Run the promotion gate for a registered version, or force a promotion."""
+    from medimg import stages
+
+    params = _load(params_file)
+    with _user_errors():
+        _decision(task, stages.promote(params, task, version=version, force=force, reason=reason))
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(5000, help="Port on 127.0.0.1."),
+    params_file: Path = PARAMS_OPTION,
+) -> None:
+    """Start the MLflow UI on 127.0.0.1 against the project's store."""
+    import os
+    import sys
+
+    from medimg.tracking import tracking_uri
+
+    params = _load(params_file)
+    uri = tracking_uri(params.tracking)
+    if not uri.startswith(("sqlite:", "file:", "postgresql", "mysql")) and "://" in uri:
+        typer.echo(f"runs are on a tracking server: open {uri}")
+        return
+    artifacts = params.tracking.artifacts.resolve()
+    url = f"http://127.0.0.1:{port}"
+    typer.echo(f"MLflow UI: {url}  (store {uri}; Ctrl-C stops it)")
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    args = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    args += ["--backend-store-uri", uri, "--default-artifact-root", artifacts.as_uri()]
+    os.execve(mlflow, args, env)
 
 
 def main() -> None:

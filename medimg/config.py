@@ -204,6 +204,38 @@ class TrainParams(StrictModel):
     segment: TaskTrainParams = TaskTrainParams(arch="resnet18", batch_size=2, lr=0.002)
 
 
+class TrackingParams(StrictModel):
+    """MLflow: where runs and models go. ``MLFLOW_TRACKING_URI`` overrides ``uri``."""
+
+    enabled: bool = True  # log train/evaluate runs to MLflow
+    uri: str = "sqlite:///mlflow.db"  # relative sqlite paths are from the project root
+    artifacts: Path = Path("mlartifacts")  # artifact folder of a local store (a server
+    # keeps its own)
+    experiment_prefix: str = "medimg"  # experiments are named <prefix>-<task>
+    retries: int = Field(3, ge=0)  # extra tries of a failed call to the tracking server
+    retry_wait_s: float = Field(2.0, ge=0)  # first wait between tries (doubles each try)
+
+
+class GateParams(StrictModel):
+    """When a challenger replaces the champion: compared on the same test patients."""
+
+    rule: Literal["paired_ci", "margin"] = "paired_ci"  # paired_ci: the lower bound of the
+    # 95% patient-bootstrap CI of (challenger - champion) must exceed min_margin;
+    # margin: the point difference must exceed min_margin
+    min_margin: float = Field(0.0, ge=0)  # in units of the metric
+    classify_metric: Literal["auroc", "balanced_accuracy"] = "auroc"  # higher is better
+    segment_metric: Literal["dice"] = "dice"  # mean Dice on test volumes with a lesion
+    n_boot: int = Field(1000, ge=100)  # paired bootstrap resamples of patients
+
+
+class RegistryParams(StrictModel):
+    """Model registry names and the promotion gate."""
+
+    classify_name: str = "medimg-classifier"
+    segment_name: str = "medimg-segmenter"
+    gate: GateParams = GateParams()
+
+
 class Params(StrictModel):
     """All of ``params.yaml``."""
 
@@ -215,6 +247,8 @@ class Params(StrictModel):
     loader: LoaderParams = LoaderParams()
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams()
+    tracking: TrackingParams = TrackingParams()
+    registry: RegistryParams = RegistryParams()
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -21,3 +21,7 @@ class DicomError(MedImgError):
 
 class DataError(MedImgError):
     """Labels, masks, manifests or splits are inconsistent."""
+
+
+class TrackingError(MedImgError):
+    """The MLflow store or registry refused or could not be reached after retries."""

@@ -72,6 +72,14 @@ def _predict_table(
     return pd.DataFrame(rows)
 
 
+def score_test_set(
+    task: str, params: Params, model: torch.nn.Module, processed: Path
+) -> pd.DataFrame:
+    """One row per test case: the model's probability (classify) or Dice (segment)."""
+    table = pd.read_parquet(processed / "manifest.parquet")
+    return _predict_table(task, params, model, processed, table[table["split"] == "test"])
+
+
 def _ci(frame: pd.DataFrame, statistic: Any) -> dict[str, float | None]:
     point, lo, hi = M.bootstrap_ci(frame, statistic, group="patient", n_boot=N_BOOT, seed=0)
     return {"value": _r(point), "ci_lower": _r(lo), "ci_upper": _r(hi)}

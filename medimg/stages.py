@@ -86,6 +86,10 @@ def preprocess(
     )
 
 
+def _mlflow_uri(source: str) -> bool:
+    return source.startswith(("models:/", "runs:/"))
+
+
 def train(
     params: Params,
     task: str,
@@ -93,39 +97,114 @@ def train(
     callbacks: Sequence[Callable[[Any], None]] = (),
     resume: bool = False,
 ) -> Any:
-    """Fine-tune the model of ``task`` (classify or segment) on the preprocessed data."""
+    """Fine-tune the model of ``task`` (classify or segment) on the preprocessed data, and
+    log the run and the model to MLflow (unless ``tracking.enabled`` is false)."""
     from medimg.train import train as run
 
     cfg = getattr(params.train, task)
     source = cfg.pretrained
-    if source != "none" and ":/" not in source and not Path(source).is_absolute():
+    if source != "none" and not _mlflow_uri(source) and not Path(source).is_absolute():
         cfg = cfg.model_copy(update={"pretrained": str(_at(root, Path(source)))})
         params = params.model_copy(update={"train": params.train.model_copy(update={task: cfg})})
     d = params.data
-    return run(
-        task,
-        params.train,
-        params.augment,
-        params.loader,
-        _at(root, d.processed),
-        _at(root, d.models) / task,
-        metrics_file=_at(root, d.metrics) / f"{task}_train.json",
-        callbacks=callbacks,
-        resume=resume,
-        resolved_config=params.model_dump(mode="json"),
-    )
+    model_dir = _at(root, d.models) / task
+    metrics_file = _at(root, d.metrics) / f"{task}_train.json"
+
+    def fit(extra: Sequence[Callable[[Any], None]] = ()) -> Any:
+        return run(
+            task,
+            params.train,
+            params.augment,
+            params.loader,
+            _at(root, d.processed),
+            model_dir,
+            metrics_file=metrics_file,
+            callbacks=[*callbacks, *extra],
+            resume=resume,
+            resolved_config=params.model_dump(mode="json"),
+        )
+
+    if _mlflow_uri(source):
+        from medimg import tracking
+
+        tracking.configure(params, root)  # where the pretrained model is looked up
+    if not params.tracking.enabled or _rank() > 0:
+        return fit()
+    from medimg import tracking
+
+    with tracking.train_run(
+        params, task, root, _at(root, d.processed), _at(root, d.interim), model_dir, resume
+    ) as tracked:
+        result = fit([tracked.on_epoch])
+        tracked.finish(result, metrics_file)
+    return result
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
 
 
 def evaluate(params: Params, task: str, root: Path = Path(".")) -> dict[str, Any]:
-    """Evaluate the trained model of ``task`` on the held-out test patients."""
+    """Evaluate the trained model of ``task`` on the held-out test patients, and add the
+    results to the model's MLflow run."""
     from medimg.evaluate import evaluate as run
 
     d = params.data
-    return run(
-        task,
+    model_dir = _at(root, d.models) / task
+    metrics_file = _at(root, d.metrics) / f"{task}.json"
+    plots_dir = _at(root, d.plots) / task
+    processed = _at(root, d.processed)
+    result = run(task, params, processed, model_dir / "model.pt", metrics_file, plots_dir)
+    if params.tracking.enabled:
+        from medimg import tracking
+
+        tracking.log_evaluation(
+            params, task, root, model_dir, processed, result, metrics_file, plots_dir
+        )
+    return result
+
+
+def _champion_scorer(params: Params, task: str, root: Path) -> Callable[[str], Any]:
+    """Scores the registered champion on the current test patients (for the gate)."""
+
+    def score(name: str) -> Any:
+        from medimg import tracking
+        from medimg.evaluate import score_test_set
+
+        model = tracking.load_model(f"models:/{name}@{tracking.CHAMPION}")
+        return score_test_set(task, params, model, _at(root, params.data.processed))
+
+    return score
+
+
+def register(params: Params, task: str, root: Path = Path(".")) -> Any:
+    """Register the evaluated model as a new version (alias challenger) and promote it to
+    champion if it beats the current one on the same test patients."""
+    from medimg import tracking
+
+    model_dir = _at(root, params.data.models) / task
+    return tracking.register(params, task, root, model_dir, _champion_scorer(params, task, root))
+
+
+def promote(
+    params: Params,
+    task: str,
+    root: Path = Path("."),
+    version: str | None = None,
+    force: bool = False,
+    reason: str = "",
+) -> Any:
+    """Run the promotion gate for a registered version (default: the challenger)."""
+    from medimg import tracking
+
+    return tracking.promote(
         params,
-        _at(root, d.processed),
-        _at(root, d.models) / task / "model.pt",
-        _at(root, d.metrics) / f"{task}.json",
-        _at(root, d.plots) / task,
+        task,
+        root,
+        version,
+        force=force,
+        reason=reason,
+        champion_cases=_champion_scorer(params, task, root),
     )

@@ -98,7 +98,7 @@ def process_cohort(
 ) -> Processed:
     """Ingest and preprocess ``cohort`` under ``root`` (salt file default: in root)."""
     from medimg import stages
-    from medimg.config import IngestParams, PreprocessParams, SplitParams
+    from medimg.config import IngestParams, PreprocessParams, SplitParams, TrackingParams
 
     if salt is None:  # a fixed key: the same pseudonyms, hence splits, in every session
         salt = root / "salt"
@@ -120,6 +120,7 @@ def process_cohort(
         ingest=IngestParams(salt_file=salt),
         preprocess=PreprocessParams(**preprocess),  # type: ignore[arg-type]
         split=SplitParams(salt="medimg-split-v1", n_folds=2, test_fraction=0.25),
+        tracking=TrackingParams(enabled=False),  # tests that track pass their own store
     )
     stages.ingest(params)
     qc = stages.preprocess(params)
@@ -154,3 +155,43 @@ def make_series(folder: Path, src: Path, n: int = 3, **changes: object) -> tuple
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return uid, paths
+
+
+CANARY = "CNRY"  # every planted identifier contains it
+
+
+def plant_canaries(cohort: Cohort, dest: Path) -> tuple[Path, Path]:
+    """Copy the cohort to ``dest/raw``, writing a unique ``CNRY...`` string into every
+    Annex E attribute that holds text, a private tag, the patient's name and ID, and the
+    folder names; ``dest/labels.csv`` gets the matching patient IDs. Returns both paths."""
+    import pydicom
+
+    from medimg.dicom.deid import ANNEX_E
+
+    raw = dest / "raw"
+    for i, src in enumerate(sorted(p for p in cohort.raw.rglob("*") if p.is_file())):
+        ds = pydicom.dcmread(src)
+        patient_id = ds.PatientID
+        for tag, action in ANNEX_E.items():
+            if tag.group in (0x0002,) or action == "U":
+                continue
+            try:
+                keyword = pydicom.datadict.keyword_for_tag(tag)
+                vr = pydicom.datadict.dictionary_VR(tag)
+            except KeyError:
+                continue
+            if vr in ("LO", "SH", "PN", "LT", "ST", "UT", "CS") and keyword not in ("PatientName",):
+                value = f"{CANARY}{i:03d}{keyword[:6]}".upper()[:16]
+                setattr(ds, keyword, value)
+        block = ds.private_block(0x0011, "CANARY CREATOR", create=True)
+        block.add_new(0x01, "LO", f"{CANARY}PRIVATE")
+        ds.PatientName = f"{CANARY}NAME^SECRET"
+        ds.PatientID = f"{CANARY}ID" + patient_id
+        dst = raw / f"{CANARY}FOLDER_{src.parent.name}" / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(dst, enforce_file_format=True)
+    labels = dest / "labels.csv"
+    with cohort.labels.open() as f, labels.open("w") as g:
+        for line in f:
+            g.write(line if line.startswith("patient_id") else f"{CANARY}ID" + line)
+    return raw, labels

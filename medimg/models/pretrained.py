@@ -312,25 +312,27 @@ def load_pretrained(
     Args:
         model: built by :func:`~medimg.models.resnet.build_classifier` (``target=
             "classifier"``) or :func:`~medimg.models.unet.build_segmenter` (``"segmenter"``).
-        source: ``"none"`` (do nothing), or a local weights file.
+        source: ``"none"`` (do nothing), a local weights file, or an MLflow model URI
+            (``models:/medimg-segmenter@champion``, ``runs:/<id>/model``) of the
+            configured tracking store.
         target: which kind of model ``model`` is.
         min_fraction: fail when a smaller share of the backbone's tensors loads.
 
     Raises:
         ConfigError: unreadable file, or ``report.fraction < min_fraction`` (the model is then
             left unchanged).
-        NotImplementedError: MLflow URIs (``models:/``, ``runs:/``), not wired in yet.
     """
     _check_target(target)
     if str(source).strip().lower() == "none":
         return LoadReport(source_format="none", n_model_backbone=0)
     if str(source).startswith(_MLFLOW_SCHEMES):
-        raise NotImplementedError(
-            f"pretrained={source!r}: loading from an MLflow model URI is not supported yet; "
-            "export the model's state dict to a local .pth file and point at that"
-        )
-    path = Path(source)
-    state, fmt = read_state_dict(path)
+        from medimg.tracking import load_state_dict
+
+        state, fmt, label = load_state_dict(str(source)), "medimg", str(source)
+    else:
+        path = Path(source)
+        state, fmt = read_state_dict(path)
+        label = path.name
     source_name = _rename(state, fmt, target)  # target name -> source name
     mapped = {new: state[old] for new, old in source_name.items()}
 
@@ -361,7 +363,7 @@ def load_pretrained(
     if report.fraction < min_fraction:
         examples = (report.missing + report.skipped_shape)[:3]
         raise ConfigError(
-            f"{path.name}: only {len(report.loaded)}/{report.n_model_backbone} backbone tensors "
+            f"{label}: only {len(report.loaded)}/{report.n_model_backbone} backbone tensors "
             f"of the {target} loaded ({report.fraction:.1%} < min {min_fraction:.0%}): "
             f"{len(report.missing)} missing, {len(report.skipped_shape)} wrong shape "
             f"(e.g. {examples}), {len(report.unexpected)} unused in the file ({fmt} format). "
@@ -371,7 +373,7 @@ def load_pretrained(
     model.load_state_dict(to_load, strict=False)
     for name, shapes in skipped.items():
         log.debug("pretrained: %s skipped, shape %s", name, shapes)
-    log.info("%s: %s", path.name, report.summary())
+    log.info("%s: %s", label, report.summary())
     return report
 
 

@@ -20,8 +20,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from medimg.dicom.deid import ANNEX_E, Pseudonymizer, load_or_create_salt
-from tests.conftest import TINY_SYNTH, Cohort, make_series, write_cohort
+from medimg.dicom.deid import Pseudonymizer, load_or_create_salt
+from tests.conftest import TINY_SYNTH, Cohort, make_series, plant_canaries, write_cohort
 from tests.unit.test_ingest import run_ingest
 
 PIXEL_VARIANTS = [
@@ -191,50 +191,16 @@ def test_killed_runs_leave_no_partial_output_and_resume(tmp_path: Path) -> None:
     assert final["n_stacks"] == len(_outputs(clean))
 
 
-def _plant_canaries(cohort: Cohort, tmp_path: Path) -> tuple[Path, list[str]]:
-    """Copy the cohort, writing a unique string into every Annex E attribute that holds
-    text, into a private tag, and into folder names."""
-    raw = tmp_path / "raw"
-    canaries: list[str] = []
-    for i, src in enumerate(sorted(p for p in cohort.raw.rglob("*") if p.is_file())):
-        ds = pydicom.dcmread(src)
-        patient_id = ds.PatientID
-        for tag, action in ANNEX_E.items():
-            if tag.group in (0x0002,) or action == "U":
-                continue
-            try:
-                keyword = pydicom.datadict.keyword_for_tag(tag)
-                vr = pydicom.datadict.dictionary_VR(tag)
-            except KeyError:
-                continue
-            if vr in ("LO", "SH", "PN", "LT", "ST", "UT", "CS") and keyword not in ("PatientName",):
-                value = f"CNRY{i:03d}{keyword[:6]}".upper()[:16]
-                setattr(ds, keyword, value)
-        block = ds.private_block(0x0011, "CANARY CREATOR", create=True)
-        block.add_new(0x01, "LO", "CNRYPRIVATE")
-        ds.PatientName = "CNRYNAME^SECRET"
-        ds.PatientID = "CNRYID" + patient_id
-        dst = raw / f"CNRYFOLDER_{src.parent.name}" / src.name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(dst, enforce_file_format=True)
-    canaries = ["CNRY"]
-    return raw, canaries
-
-
 def test_phi_canaries_reach_no_output_and_no_log(
     tiny_cohort: Cohort, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    raw, _ = _plant_canaries(tiny_cohort, tmp_path)
+    raw, labels = plant_canaries(tiny_cohort, tmp_path)
     uids = {
         str(pydicom.dcmread(p, stop_before_pixels=True).get(k))
         for p in list(raw.rglob("*"))[:50]
         if p.is_file()
         for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
     }
-    labels = tmp_path / "labels.csv"
-    with tiny_cohort.labels.open() as f, labels.open("w") as g:
-        for line in f:
-            g.write(line if line.startswith("patient_id") else "CNRYID" + line)
     out = tmp_path / "out"
     with caplog.at_level(logging.DEBUG):
         summary = run_ingest(

@@ -1,0 +1,217 @@
+"""medimg.tracking against real local MLflow stores (SQLite) and a real ``dvc``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from medimg import tracking
+from medimg.cli import app
+from medimg.config import GateParams, Params, RegistryParams, TrackingParams
+from medimg.errors import ConfigError
+from tests.conftest import tool_path
+
+
+def _params(tmp_path: Path, **gate: object) -> Params:
+    return Params(
+        tracking=TrackingParams(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", retry_wait_s=0.1),
+        registry=RegistryParams(gate=GateParams(**gate)),  # type: ignore[arg-type]
+    )
+
+
+def test_store_uri_from_params_env_and_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = TrackingParams()
+    assert tracking.tracking_uri(cfg, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    absolute = TrackingParams(uri="sqlite:////srv/runs.db")
+    assert tracking.tracking_uri(absolute, tmp_path) == "sqlite:////srv/runs.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert tracking.tracking_uri(cfg, tmp_path) == "http://tracking.example:5000"
+    # configure() exports the store it picks (MLflow does); that must not pin later calls
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    tracking.configure(Params(tracking=cfg), tmp_path / "a")
+    assert tracking.tracking_uri(cfg, tmp_path / "b").endswith("b/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    tracking.configure(Params(tracking=cfg), tmp_path / "a")  # the user's choice stays
+    assert tracking.tracking_uri(cfg, tmp_path / "b") == "http://tracking.example:5000"
+
+
+def test_flatten_names_every_leaf() -> None:
+    flat = tracking.flatten(Params().model_dump(mode="json"))
+    assert flat["train.classify.lr"] == "0.001"
+    assert flat["preprocess.spatial_size"] == "[64, 48, 48]"
+    assert flat["registry.gate.rule"] == "paired_ci"
+    assert not any(isinstance(v, dict) for v in flat.values())
+
+
+def test_dvc_folder_hash_equals_dvc_add(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    (folder / "images").mkdir(parents=True)
+    (folder / "manifest.parquet").write_bytes(b"\x00\x01" * 1000)
+    (folder / "images" / "a.nii.gz").write_bytes(np.arange(5000, dtype=np.int16).tobytes())
+    (folder / "images" / "b.nii.gz").write_text("b\n")
+    (folder / "qc.json").write_text('{"ok": true}\n')
+    dvc = tool_path("dvc")
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([dvc, "add", "-q", "data"], cwd=tmp_path, check=True)
+    import yaml
+
+    recorded = yaml.safe_load((tmp_path / "data.dvc").read_text())["outs"][0]["md5"]
+    assert tracking.dvc_dir_md5(folder) == recorded
+
+
+# ----------------------------------------------------------------------------- the gate
+
+
+def _cases(quality: float, seed: int, n: int = 40) -> pd.DataFrame:
+    """Test cases of ``n`` patients; ``quality`` near 1 separates the classes well."""
+    rng = np.random.default_rng(seed)
+    label = np.arange(n) % 2
+    noise = rng.normal(0, 1, n)
+    score = 1 / (1 + np.exp(-(quality * 6 * (label - 0.5) + (1 - quality) * 2 * noise)))
+    return pd.DataFrame(
+        {
+            "key": [f"k{i:03d}" for i in range(n)],
+            "patient": [f"p{i:03d}" for i in range(n)],
+            "modality": "CT",
+            "vendor": "GE",
+            "label": label,
+            "probability": score,
+        }
+    )
+
+
+def _version(client: MlflowClient, params: Params, cases: pd.DataFrame, tmp: Path) -> str:
+    """A registered classifier version whose run holds evaluated test cases."""
+    exp = tracking.experiment_id(client, params, "classify", tmp)
+    run = client.create_run(exp)
+    run_id = run.info.run_id
+    (tmp / "plots").mkdir(exist_ok=True)
+    cases.to_csv(tmp / "plots" / "cases.csv", index=False)
+    client.log_artifact(run_id, str(tmp / "plots" / "cases.csv"), "plots")
+    client.log_text(run_id, "weights would be here", "model/README.txt")
+    client.log_dict(run_id, {"threshold": 0.5}, "classify.json")
+    name = tracking.registered_name(params, "classify")
+    if not client.search_registered_models(f"name='{name}'"):
+        client.create_registered_model(name)
+    mv = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run_id)
+    client.set_registered_model_alias(name, tracking.CHALLENGER, str(mv.version))
+    return str(mv.version)
+
+
+def test_gate_keeps_a_worse_challenger_out_and_promotes_a_better_one(tmp_path: Path) -> None:
+    params = _params(tmp_path)
+    client = tracking.configure(params, tmp_path)
+    name = tracking.registered_name(params, "classify")
+
+    first = _version(client, params, _cases(0.2, seed=1), tmp_path)  # AUROC 0.74
+    d = tracking.promote(params, "classify", tmp_path, first)
+    assert d.promoted and d.reason == "no champion yet"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first
+
+    worse = _version(client, params, _cases(0.05, seed=2), tmp_path)  # 0.43
+    d = tracking.promote(params, "classify", tmp_path)  # the challenger by default
+    assert d.version == worse and not d.promoted
+    assert d.difference is not None and d.difference < 0
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first
+    tags = client.get_model_version(name, worse).tags
+    assert tags["gate.decision"] == "rejected"
+    assert tags["gate.champion_version"] == first
+    assert float(tags["gate.challenger_value"]) < float(tags["gate.champion_value"])
+    assert tags["gate.n_patients"] == "40"
+
+    better = _version(client, params, _cases(0.95, seed=3), tmp_path)  # 1.0
+    d = tracking.promote(params, "classify", tmp_path)
+    assert d.promoted, d.reason
+    assert d.ci_low is not None and d.ci_low > 0  # paired CI clear of zero
+    assert str(client.get_model_version_by_alias(name, "champion").version) == better
+    tags = client.get_model_version(name, better).tags
+    assert tags["gate.decision"] == "promoted"
+    assert float(tags["gate.ci_low"]) > 0 and tags["gate.rule"] == "paired_ci"
+
+
+def test_gate_margin_rule_and_ties(tmp_path: Path) -> None:
+    params = _params(tmp_path, rule="margin", min_margin=0.05)
+    client = tracking.configure(params, tmp_path)
+    tracking.promote(
+        params, "classify", tmp_path, _version(client, params, _cases(0.4, 1), tmp_path)
+    )
+    same = _version(client, params, _cases(0.4, 1), tmp_path)  # identical scores
+    d = tracking.promote(params, "classify", tmp_path, same)
+    assert not d.promoted and d.difference == 0.0
+    slightly = _cases(0.4, 1)
+    slightly.loc[0, "probability"] = 1.0 - slightly.loc[0, "probability"]  # one case flips
+    d = tracking.promote(params, "classify", tmp_path, _version(client, params, slightly, tmp_path))
+    assert not d.promoted and abs(d.difference or 0) < 0.05
+
+
+def test_forced_promotion_needs_a_reason_and_records_it(tmp_path: Path) -> None:
+    params = _params(tmp_path)
+    client = tracking.configure(params, tmp_path)
+    name = tracking.registered_name(params, "classify")
+    tracking.promote(
+        params, "classify", tmp_path, _version(client, params, _cases(0.9, 1), tmp_path)
+    )
+    worse = _version(client, params, _cases(0.1, 2), tmp_path)
+    with pytest.raises(ConfigError, match="--reason"):
+        tracking.promote(params, "classify", tmp_path, worse, force=True)
+    d = tracking.promote(params, "classify", tmp_path, worse, force=True, reason="rollback drill")
+    assert d.promoted
+    assert str(client.get_model_version_by_alias(name, "champion").version) == worse
+    assert client.get_model_version(name, worse).tags["gate.reason"] == "forced: rollback drill"
+
+
+def test_cli_promote_reports_the_decision(tmp_path: Path) -> None:
+    params = _params(tmp_path)
+    client = tracking.configure(params, tmp_path)
+    tracking.promote(
+        params, "classify", tmp_path, _version(client, params, _cases(0.4, 1), tmp_path)
+    )
+    _version(client, params, _cases(0.95, 3), tmp_path)
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(json.dumps(params.model_dump(mode="json")))  # JSON is YAML
+    result = CliRunner().invoke(app, ["promote", "--task", "classify", "--params", str(pfile)])
+    assert result.exit_code == 0, result.output
+    assert "version 2 is champion" in result.output
+    assert "95% CI" in result.output and "40 test patients" in result.output
+    result = CliRunner().invoke(
+        app, ["promote", "--task", "classify", "--force", "--params", str(pfile)]
+    )
+    assert result.exit_code != 0 and "--reason" in result.output
+
+
+def test_unknown_registered_model_as_pretrained_fails_clearly(tmp_path: Path) -> None:
+    import torch
+
+    from medimg.config import TaskTrainParams
+    from medimg.models.pretrained import load_pretrained
+    from medimg.train import build_model
+
+    tracking.configure(_params(tmp_path), tmp_path)
+    model = build_model("classify", TaskTrainParams(arch="resnet10"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="models:/medimg-nothing@champion"):
+        load_pretrained(model, "models:/medimg-nothing@champion", "classifier")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_metric_sender_delivers_every_epoch_in_order(tmp_path: Path) -> None:
+    params = _params(tmp_path)
+    client = tracking.configure(params, tmp_path)
+    run = client.create_run(tracking.experiment_id(client, params, "segment", tmp_path))
+    sender = tracking.MetricSender(client, run.info.run_id, params.tracking)
+    for epoch in range(1, 6):
+        sender.log({"train_loss": 1.0 / epoch, "val_metric": float("nan")}, step=epoch)
+    assert sender.close() == []
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [(m.step, m.value) for m in history] == [(e, 1.0 / e) for e in range(1, 6)]
+    assert client.get_metric_history(run.info.run_id, "val_metric") == []  # NaN not sent
