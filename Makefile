@@ -11,7 +11,7 @@ STAMP := $(VENV)/.medimg-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench ui clean
 
 install: $(STAMP)
 
@@ -32,8 +32,11 @@ demo: $(STAMP)
 	$(BIN)/medimg preprocess
 	$(BIN)/medimg train --task segment
 	$(BIN)/medimg evaluate --task segment
+	$(BIN)/medimg register --task segment
 	$(BIN)/medimg train --task classify
 	$(BIN)/medimg evaluate --task classify
+	$(BIN)/medimg register --task classify
+	@echo "Runs and models: make ui"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -42,6 +45,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check medimg pipelines tests bench
 	$(BIN)/ruff check medimg pipelines tests bench
 	$(BIN)/mypy
+
+# The MLflow UI on 127.0.0.1 against the project's store (tracking.uri in params.yaml).
+ui: $(STAMP)
+	$(BIN)/medimg ui --port $(or $(PORT),5000)
 
 bench: $(STAMP)
 	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done

@@ -101,17 +101,33 @@ def configure(params: Params, root: Path = Path(".")) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+_TRANSIENT = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
+
+
+def _transient(err: Exception) -> bool:
+    """A failure worth retrying: no connection, a timeout, a server error; not a request
+    the server understood and refused."""
+    from mlflow.exceptions import RestException
+
+    if isinstance(err, RestException):
+        return err.error_code in _TRANSIENT
+    return True
+
+
 def retrying(cfg: TrackingParams, what: str, call: Callable[[], T]) -> T:
-    """``call()``, tried ``1 + cfg.retries`` times with doubling waits.
+    """``call()``, tried ``1 + cfg.retries`` times with doubling waits while it fails for
+    a transient reason (see :func:`_transient`).
 
     Raises:
-        TrackingError: every try failed; the message says what and where to look.
+        TrackingError: every try failed, or the server refused the request.
     """
     wait = cfg.retry_wait_s
     for attempt in range(cfg.retries + 1):
         try:
             return call()
         except (MlflowException, OSError) as err:  # requests' errors are OSErrors
+            if not _transient(err):
+                raise TrackingError(f"MLflow: {what} was refused: {err}") from err
             if attempt == cfg.retries:
                 raise TrackingError(
                     f"MLflow: {what} failed after {cfg.retries + 1} tries ({err}); check that "
@@ -134,7 +150,9 @@ def experiment_id(client: MlflowClient, params: Params, task: str, root: Path) -
     if _is_local(client.tracking_uri):
         location = ((root / params.tracking.artifacts).resolve() / name).as_uri()
     try:
-        return str(client.create_experiment(name, artifact_location=location))
+        # the kind makes the MLflow UI open the experiment on its runs table
+        kind = {"mlflow.experimentKind": "custom_model_development"}
+        return str(client.create_experiment(name, artifact_location=location, tags=kind))
     except MlflowException:  # created meanwhile by a parallel run
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -210,11 +228,14 @@ def test_set_digest(manifest: pd.DataFrame) -> str:
 def lineage_tags(params: Params, root: Path, processed: Path) -> dict[str, str]:
     """Tags that tie a run to its inputs."""
     tags: dict[str, str] = {}
-    commit = _git(root, "rev-parse", "HEAD")
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-        status = _git(root, "status", "--porcelain", "--untracked-files=no")
-        tags["medimg.git.dirty"] = str(bool(status)).lower()
+    # the project's repository; else the one medimg's own code was installed from
+    for repo in (root, Path(__file__).resolve().parent):
+        commit = _git(repo, "rev-parse", "HEAD")
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+            status = _git(repo, "status", "--porcelain", "--untracked-files=no")
+            tags["medimg.git.dirty"] = str(bool(status)).lower()
+            break
     if processed.is_dir():
         tags["medimg.dvc.processed_md5"] = dvc_dir_md5(processed)
         tags["medimg.test_set"] = test_set_digest(pd.read_parquet(processed / "manifest.parquet"))
@@ -470,7 +491,9 @@ class TrainRun:
             run = retrying(
                 cfg,
                 "creating the run",
-                lambda: self.client.create_run(exp, run_name=f"train-{self.task}"),
+                lambda: self.client.create_run(
+                    exp, run_name=f"train-{self.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+                ),
             )
             self.run_id = run.info.run_id
         self._write_run_file(exp)
@@ -876,7 +899,7 @@ def register(
         mv = retrying(
             params.tracking,
             "registering the model",
-            lambda: client.create_model_version(name, record["model_uri"], run_id=run_id),
+            lambda: mlflow.register_model(record["model_uri"], name),
         )
         version = str(mv.version)
         for key in ("medimg.test_set", "medimg.dvc.processed_md5", "mlflow.source.git.commit"):

@@ -1,13 +1,20 @@
-"""One temporary Prefect server for the whole test session (its start costs 10-20 s)."""
+"""Servers shared by the whole test session: one temporary Prefect server (its start costs
+10-20 s) and one real MLflow tracking server (about 10-15 s on two cores)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.integration.mlflow_server import start_mlflow_server
+from tests.integration.tracked import tracked  # noqa: F401  (a session fixture)
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# MLflow clients in this process report usage unless told not to (the server gets its own).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +23,21 @@ def prefect_server() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the session's MLflow server keeps its database, artifacts and log."""
+    return tmp_path_factory.mktemp("mlflow-server")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_dir: Path) -> Iterator[str]:
+    """URL of a real ``mlflow server`` (SQLite backend, proxied artifacts) for the session.
+
+    Tests share it, so each should use its own experiment or run names. Talk to it with
+    ``MlflowClient(tracking_uri=url)`` or ``monkeypatch.setenv("MLFLOW_TRACKING_URI", url)``,
+    never by setting the tracking URI for the whole process.
+    """
+    with start_mlflow_server(mlflow_server_dir) as url:
+        yield url
