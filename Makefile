@@ -11,7 +11,7 @@ STAMP := $(VENV)/.medimg-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test lint bench ui clean
+.PHONY: install demo test lint bench ui serve prefect-server clean
 
 install: $(STAMP)
 
@@ -27,16 +27,10 @@ $(STAMP): pyproject.toml
 # keys, splits and metrics the same on every machine. Real data gets a secret .medimg-salt.
 demo: export MEDIMG_SALT ?= medimg-demo-synthetic-data-only
 demo: $(STAMP)
-	$(BIN)/medimg synth
-	$(BIN)/medimg ingest
-	$(BIN)/medimg preprocess
-	$(BIN)/medimg train --task segment
-	$(BIN)/medimg evaluate --task segment
+	$(BIN)/dvc repro
 	$(BIN)/medimg register --task segment
-	$(BIN)/medimg train --task classify
-	$(BIN)/medimg evaluate --task classify
 	$(BIN)/medimg register --task classify
-	@echo "Runs and models: make ui"
+	@echo "Metrics: .venv/bin/dvc metrics show    Runs and models: make ui"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -49,6 +43,15 @@ lint: $(STAMP)
 # The MLflow UI on 127.0.0.1 against the project's store (tracking.uri in params.yaml).
 ui: $(STAMP)
 	$(BIN)/medimg ui --port $(or $(PORT),5000)
+
+# A Prefect server on 127.0.0.1:4200 (UI and API), and the scheduled deployments served
+# against it: nightly-retrain runs the pipeline on orchestration.retrain_cron.
+prefect-server: $(STAMP)
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+serve: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
+serve: $(STAMP)
+	$(BIN)/python -m pipelines.deployments
 
 bench: $(STAMP)
 	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done

@@ -107,7 +107,9 @@ class IngestParams(StrictModel):
     compress: bool = True  # write .nii.gz (gzip) rather than .nii
     compression_level: int = Field(6, ge=1, le=9)  # gzip level: 1 is fast, 9 is small
     workers: int = Field(0, ge=0)  # parallel header reads and series; 0: one per CPU core
-    runner: Literal["threads", "processes"] = "threads"  # Prefect task runner of the flow
+    runner: Literal["threads", "processes", "dask"] = "threads"  # Prefect task runner of
+    # the ingest flow; dask: prefect-dask on dask_address, or a local cluster of `workers`
+    dask_address: str = ""  # tcp://host:8786 of a running Dask scheduler; "" = LocalCluster
     salt_file: Path = Path(".medimg-salt")  # secret key of the pseudonyms; never in git
     export_deid_dicom: bool = False  # also write de-identified DICOM copies
 
@@ -236,6 +238,16 @@ class RegistryParams(StrictModel):
     gate: GateParams = GateParams()
 
 
+class OrchestrationParams(StrictModel):
+    """Prefect deployments: when the pipeline retrains, where new studies arrive."""
+
+    timezone: str = "UTC"  # IANA name, e.g. Europe/Berlin, for the cron schedule
+    retrain_cron: str = "0 2 * * *"  # nightly-retrain: dvc repro, register, promote
+    inbox: Path = Path("data/inbox")  # predict-inbox watches this folder of new studies
+    inbox_interval_s: int = Field(300, ge=10)  # how often predict-inbox runs
+    work_pool: str = "medimg"  # the work pool deployments are sent to (`prefect worker`)
+
+
 class Params(StrictModel):
     """All of ``params.yaml``."""
 
@@ -249,6 +261,7 @@ class Params(StrictModel):
     train: TrainParams = TrainParams()
     tracking: TrackingParams = TrackingParams()
     registry: RegistryParams = RegistryParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
 
 
 def _describe(err: dict[str, Any]) -> str:

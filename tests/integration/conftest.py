@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.mlflow_server import start_mlflow_server
+from tests.integration.project import dvc_project  # noqa: F401  (a session fixture)
 from tests.integration.tracked import tracked  # noqa: F401  (a session fixture)
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,0 +1,140 @@
+"""The whole pipeline as a Prefect flow: DVC's stages in order, then the registry.
+
+Each stage of ``dvc.yaml`` is one task that asks DVC (its Python API) to reproduce that
+stage alone, so a scheduled run skips what is up to date and leaves ``dvc.lock`` true, as
+``dvc repro`` would. Then each task's model is registered and goes through the promotion
+gate. A markdown artifact summarises the run for a human: what ran and what was skipped,
+the test metrics with their intervals, the gate's decisions with links to MLflow, and the
+ingest QC counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
+
+from medimg import stages
+from medimg.config import load_params
+from pipelines.ingest import retry_on_io
+
+TASKS = ("segment", "classify")
+
+
+def dvc_stages(root: Path) -> list[str]:
+    """The stages of ``root/dvc.yaml``, in file order (which is dependency order)."""
+    return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+
+
+@task(
+    name="dvc-stage",
+    task_run_name="dvc-{stage}",
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_condition_fn=retry_on_io,  # storage hiccups; a failing stage command is not retried
+    cache_policy=NONE,
+    persist_result=False,
+)
+def reproduce_stage(root: Path, stage: str) -> bool:
+    """Reproduce one stage if it is out of date; True if it ran."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        ran = repo.reproduce(stage, single_item=True)
+    logger = get_run_logger()
+    logger.info("%s: %s", stage, "ran" if ran else "up to date, skipped")
+    return bool(ran)
+
+
+@task(name="register", task_run_name="register-{task_name}", cache_policy=NONE)
+def register_task(params_file: Path, root: Path, task_name: str) -> dict[str, Any]:
+    """Register the task's evaluated model and run the promotion gate."""
+    params = load_params(params_file)
+    decision = stages.register(params, task_name, root)
+    return {k: v for k, v in vars(decision).items()}
+
+
+def _run_link(params_file: Path, root: Path, task_name: str) -> str:
+    record = root / load_params(params_file).data.models / task_name / "mlflow_run.json"
+    if not record.is_file():
+        return "-"
+    run_id = json.loads(record.read_text())["run_id"]
+    from medimg.tracking import tracking_uri
+
+    uri = tracking_uri(load_params(params_file).tracking, root)
+    if uri.startswith("http"):
+        return f"[{run_id[:8]}]({uri}/#/compare-runs?runs=[%22{run_id}%22])"
+    return f"`{run_id}` (`make ui`)"
+
+
+def summary_markdown(
+    params_file: Path, root: Path, ran: dict[str, bool], decisions: dict[str, dict[str, Any]]
+) -> str:
+    """The run's report: stages, test metrics with CIs, gate decisions, QC counts."""
+    params = load_params(params_file)
+    lines = ["# medimg pipeline run", "", "| stage | |", "|---|---|"]
+    lines += [f"| {s} | {'ran' if r else 'up to date, skipped'} |" for s, r in ran.items()]
+    lines += ["", "## Test metrics (95 % CI, bootstrap over patients)", ""]
+    lines += ["| task | metric | value | CI | MLflow run |", "|---|---|---|---|---|"]
+    for task_name in TASKS:
+        path = root / params.data.metrics / f"{task_name}.json"
+        if not path.is_file():
+            continue
+        link = _run_link(params_file, root, task_name)
+        for name, m in json.loads(path.read_text())["metrics"].items():
+            if m:
+                ci = f"{m['ci_lower']} to {m['ci_upper']}"
+                lines.append(f"| {task_name} | {name} | {m['value']} | {ci} | {link} |")
+    lines += ["", "## Registry", "", "| model | version | decision | reason |", "|---|---|---|---|"]
+    for task_name, d in decisions.items():
+        verdict = "champion" if d["promoted"] else "challenger"
+        lines.append(f"| {task_name} | {d['version']} | {verdict} | {d['reason']} |")
+    qc_file = root / params.data.interim / "qc.json"
+    if qc_file.is_file():
+        qc = json.loads(qc_file.read_text())
+        lines += ["", "## Ingest QC", ""]
+        for key in ("n_stacks", "n_ok", "n_flagged", "n_quarantined_files", "n_labelled"):
+            lines.append(f"- {key}: {qc.get(key)}")
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="pipeline", log_prints=False)
+def pipeline_flow(
+    params_file: str = "params.yaml", root: str = ".", register: bool = True
+) -> dict[str, Any]:
+    """``dvc repro`` stage by stage, then registration and the promotion gate."""
+    logger = get_run_logger()
+    project = Path(root).resolve()
+    pfile = Path(params_file) if Path(params_file).is_absolute() else project / params_file
+    # The stage commands run `medimg` from this environment and tag their MLflow runs
+    # with this flow run.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    if flow_run.id:
+        os.environ["PREFECT__FLOW_RUN_ID"] = str(flow_run.id)
+    ran: dict[str, bool] = {}
+    for stage in dvc_stages(project):
+        ran[stage] = reproduce_stage(project, stage)
+    decisions: dict[str, dict[str, Any]] = {}
+    if register and load_params(pfile).tracking.enabled:
+        for task_name in TASKS:
+            decisions[task_name] = register_task(pfile, project, task_name)
+    report = summary_markdown(pfile, project, ran, decisions)
+    create_markdown_artifact(report, key="medimg-pipeline", description="medimg pipeline run")
+    logger.info(
+        "stages run: %s; skipped: %s",
+        [s for s, r in ran.items() if r],
+        [s for s, r in ran.items() if not r],
+    )
+    return {"ran": ran, "decisions": decisions}
+
+
+if __name__ == "__main__":
+    pipeline_flow()

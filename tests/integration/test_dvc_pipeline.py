@@ -1,0 +1,79 @@
+"""The project's own dvc.yaml, run by the real ``dvc`` in a copy of the repository.
+
+One long test, in the order a user meets these things: repro from nothing, a no-op
+repro, a training parameter changed, an experiment, push to a remote and pull back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.project import STAGES, DvcProject, stages_run, tracked_outputs
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+
+def test_repro_noop_param_change_experiment_push_pull(
+    dvc_project: DvcProject, tmp_path: Path
+) -> None:
+    project = dvc_project.project
+    root = project.root
+
+    # 1. from nothing: every stage ran and left its outputs, metrics and plots
+    assert stages_run(dvc_project.first_repro) == STAGES
+    for path in (
+        "data/raw",
+        "data/interim/manifest.parquet",
+        "data/processed/manifest.parquet",
+        "models/segment/model.pt",
+        "models/classify/model_card.md",
+        "plots/classify/roc.png",
+        "plots/segment/dice_per_case.csv",
+    ):
+        assert (root / path).exists(), path
+    metrics = json.loads(project.dvc("metrics", "show", "--json"))
+    shown = json.dumps(metrics)
+    assert '"auroc"' in shown and '"dice"' in shown and '"best_val_metric"' in shown
+    classify = json.loads((root / "metrics/classify.json").read_text())
+    assert 0.0 <= classify["metrics"]["auroc"]["value"] <= 1.0
+    project.dvc("plots", "show", "-o", str(tmp_path / "plots-html"))
+    assert (tmp_path / "plots-html" / "index.html").stat().st_size > 1000
+    assert (root / "mlflow.db").is_file()  # tracked in MLflow meanwhile, outside DVC
+
+    # 2. nothing changed: nothing runs
+    out = project.dvc("repro")
+    assert stages_run(out) == [], out
+    assert json.loads(project.dvc("status", "--json")) == {}
+
+    # 3. a classification training parameter: only classification retrains and re-evaluates
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["classify"]["lr"] = 0.002
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = project.dvc("repro")
+    assert stages_run(out) == ["train_classify", "evaluate_classify"], out
+    project.commit("classify lr 0.002")
+
+    # 4. an experiment, read back
+    project.dvc("exp", "run", "-S", "train.classify.weight_decay=0.01", "-n", "wd-0.01")
+    shown = json.loads(project.dvc("exp", "show", "--json"))
+    text = json.dumps(shown)
+    assert "wd-0.01" in text and "0.01" in text and "auroc" in text
+
+    # 5. push everything, lose cache and outputs, pull: the same files
+    remote = tmp_path / "remote"
+    project.dvc("remote", "modify", "--local", "local", "url", str(remote))
+    before = tracked_outputs(root)
+    project.dvc("push")
+    assert any(remote.rglob("*"))
+    shutil.rmtree(root / ".dvc" / "cache")
+    shutil.rmtree(root / "data")
+    for task in ("segment", "classify"):
+        (root / "models" / task / "model.pt").unlink()
+    project.dvc("pull")
+    assert tracked_outputs(root) == before
+    assert json.loads(project.dvc("status", "--json")) == {}
