@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from monai.data import Dataset, MetaTensor
 from torch import nn
 
 from medimg.config import AugmentParams, LoaderParams, TaskTrainParams, TrainParams
-from medimg.data.datasets import build_dataset, build_loader, items
+from medimg.data.datasets import build_dataset, build_loader, cached_gib, items
 from medimg.errors import ConfigError, DataError
 from medimg.io import atomic_path, atomic_write_text
 from medimg.models.pretrained import Target
@@ -126,6 +127,12 @@ def _split_items(processed: Path, fold: int, with_label: bool) -> tuple[list, li
     return items(processed, train, with_label), items(processed, val, with_label)
 
 
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """``x`` without MONAI's metadata: random transforms hand out MetaTensors, whose
+    bookkeeping on every operation made the model's passes MEASURED slower."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -180,7 +187,9 @@ class Trainer:
         self.rank, self.world = _distributed()
 
     # -- data -------------------------------------------------------------------------
-    def _loaders(self) -> tuple[Any, list[dict[str, Any]], Any]:
+    def _loaders(self) -> tuple[Any, Dataset | list[dict[str, Any]]]:
+        """The training loader, and the validation items transformed (rank 0; cached in
+        memory within what the training cache leaves of the budget)."""
         from medimg.transforms import training_transforms
 
         seg = self.task == "segment"
@@ -204,8 +213,12 @@ class Trainer:
             sampler=self.sampler,
             generator=self.generator,
         )
+        if self.rank > 0:  # only rank 0 validates
+            return loader, []
         val_transform = training_transforms(self.task, self.augment, train=False, with_label=seg)
-        return loader, val_items, val_transform
+        left = max(0.0, self.loader_cfg.cache_gib - cached_gib(ds))
+        val_cfg = self.loader_cfg.model_copy(update={"cache_gib": left})
+        return loader, build_dataset(val_items, val_transform, val_cfg)
 
     # -- steps ------------------------------------------------------------------------
     def _loss(self) -> nn.Module:
@@ -220,12 +233,12 @@ class Trainer:
     def _forward_batch(
         self, model: nn.Module, batch: dict[str, Any], loss_fn: nn.Module
     ) -> torch.Tensor:
-        x = batch["image"].to(self.device)
+        x = _plain(batch["image"]).to(self.device)
         with torch.autocast(self.device.type, enabled=self.amp):
             out = model(x)
             if self.task == "classify":
                 return loss_fn(out.squeeze(1).float(), batch["y"].float().to(self.device))
-            return loss_fn(out.float(), batch["label"].to(self.device))
+            return loss_fn(out.float(), _plain(batch["label"]).to(self.device))
 
     def predict(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
         return predict(model, image, self.task, self.augment.patch_size, self.device, self.amp)
@@ -233,35 +246,38 @@ class Trainer:
     def validate(
         self,
         model: nn.Module,
-        val_items: Sequence[dict[str, Any]],
+        val_items: Sequence[dict[str, Any]] | Dataset,
         transform: Any,
         loss_fn: nn.Module,
     ) -> tuple[float, float]:
+        """(loss, metric) over the validation items, in batches of the training batch size.
+
+        ``transform`` prepares each item; ``None`` when ``val_items`` yields prepared items
+        already (a cached dataset).
+        """
         from medimg.metrics import auroc, dice
 
         losses, scores, labels, dices = [], [], [], []
-        for item in val_items:
-            data = transform(dict(item))
-            batch = {
-                k: (v[None] if isinstance(v, torch.Tensor) else torch.tensor([v]))
-                for k, v in data.items()
-                if k in ("image", "label", "y")
-            }
-            model.eval()
-            with torch.no_grad():
-                prob = self.predict(model, batch["image"])
-                if self.task == "classify":  # the loss from the same probability, no 2nd pass
-                    p = prob[0].clamp(1e-7, 1 - 1e-7)
-                    y = float(item["y"])
-                    losses.append(-float(y * torch.log(p) + (1 - y) * torch.log(1 - p)))
-                    scores.append(float(prob[0]))
-                    labels.append(int(y))
-                else:
-                    truth = batch["label"][0, 0].numpy() > 0.5
-                    pred = prob[0].numpy() > 0.5
-                    if truth.any():  # Dice is measured on volumes with a lesion
-                        dices.append(dice(pred, truth))
-                    losses.append(1.0 - dice(pred, truth))
+        size = self.cfg.batch_size
+        for start in range(0, len(val_items), size):
+            chunk = [val_items[i] for i in range(start, min(start + size, len(val_items)))]
+            if transform is not None:
+                chunk = [transform(dict(item)) for item in chunk]
+            image = torch.stack([torch.as_tensor(d["image"]) for d in chunk])  # (B, 1, R, A, S)
+            prob = self.predict(model, image)  # (B,) or (B, R, A, S)
+            if self.task == "classify":  # the loss from the same probability, no 2nd pass
+                p = prob.clamp(1e-7, 1 - 1e-7)
+                y = torch.tensor([float(d["y"]) for d in chunk])
+                losses += (-(y * torch.log(p) + (1 - y) * torch.log(1 - p))).tolist()
+                scores += prob.tolist()
+                labels += [int(v) for v in y.tolist()]
+                continue
+            for d, item_prob in zip(chunk, prob, strict=True):
+                truth = torch.as_tensor(d["label"])[0].numpy() > 0.5
+                pred = item_prob.numpy() > 0.5
+                if truth.any():  # Dice is measured on volumes with a lesion
+                    dices.append(dice(pred, truth))
+                losses.append(1.0 - dice(pred, truth))
         if self.task == "classify":
             metric = auroc(np.array(labels), np.array(scores))
         else:
@@ -271,7 +287,7 @@ class Trainer:
     # -- the run ----------------------------------------------------------------------
     def run(self, callbacks: Sequence[Callback] = (), resume: bool = False) -> TrainResult:
         seed_everything(self.train_cfg.seed)
-        loader, val_items, val_transform = self._loaders()
+        loader, val_data = self._loaders()
         model = build_model(self.task, self.cfg).to(self.device)
         target: Target = "classifier" if self.task == "classify" else "segmenter"
         report = None
@@ -284,7 +300,11 @@ class Trainer:
         from medimg.models.pretrained import freeze_encoder, param_groups
 
         groups = param_groups(model, target, self.cfg.lr, self.cfg.head_lr_mult)
-        optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        # fused: one kernel over all parameters; the default per-tensor loop took 0.2-0.7 s
+        # per step of a 3D ResNet-18 on 2 CPU cores, the fused kernel about 0.015 s
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=True
+        )
         steps_per_epoch = max(1, math.ceil(len(loader) / self.cfg.accumulate))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -341,11 +361,11 @@ class Trainer:
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
-                total += float(loss) * len(batch["image"])
+                total += float(loss.detach()) * len(batch["image"])
                 n += len(batch["image"])
             val_loss, val_metric = (math.nan, math.nan)
             if self.rank == 0:
-                val_loss, val_metric = self.validate(model, val_items, val_transform, loss_fn)
+                val_loss, val_metric = self.validate(model, val_data, None, loss_fn)
             # a validation fold with one class has no AUROC: fall back to its loss
             score = val_metric if math.isfinite(val_metric) else -val_loss
             best = self.rank == 0 and score > state["best_metric"]

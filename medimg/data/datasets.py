@@ -47,12 +47,21 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
-def cache_capacity(data: Sequence[dict[str, Any]], transform: Callable[[Any], Any], gib: float) -> int:
+def cache_capacity(
+    data: Sequence[dict[str, Any]], transform: Callable[[Any], Any], gib: float
+) -> int:
     """How many transformed items fit in ``gib`` GiB (measured on the first item)."""
     if not data or gib <= 0:
         return 0
     per_item = max(1, _nbytes(transform(dict(data[0]))))
     return min(len(data), int(gib * 2**30 // per_item))
+
+
+def cached_gib(dataset: Dataset) -> float:
+    """GiB that a dataset holds in its in-memory cache (0 for the uncached kinds)."""
+    if not isinstance(dataset, CacheDataset) or dataset.cache_num == 0:
+        return 0.0
+    return dataset.cache_num * _nbytes(dataset._cache[0]) / 2**30
 
 
 def build_dataset(
