@@ -5,11 +5,64 @@ Not a benchmark itself (``make bench`` runs it too: it only prints its help).
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from medimg.config import DataParams, IngestParams, Params, SynthParams
 
 BENCH_SALT = "medimg-bench-synthetic-data-only"  # fixed: the same splits on every run
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# What a project copy's commands run with: this environment's tools, the demo's public key.
+PROJECT_ENV = {
+    **os.environ,
+    "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    "MEDIMG_SALT": "medimg-demo-synthetic-data-only",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "GIT_AUTHOR_NAME": "bench",
+    "GIT_AUTHOR_EMAIL": "bench@example.invalid",
+    "GIT_COMMITTER_NAME": "bench",
+    "GIT_COMMITTER_EMAIL": "bench@example.invalid",
+}
+for _name in ("MLFLOW_TRACKING_URI", "MEDIMG_MLFLOW_URI", "PREFECT_API_URL"):
+    PROJECT_ENV.pop(_name, None)
+
+
+def run(root: Path, *args: str) -> str:
+    """Run a command in a project copy; exit with its output if it fails."""
+    done = subprocess.run(args, cwd=root, env=PROJECT_ENV, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def scratch_project(root: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """This repository's files (tracked, or new and not ignored; no outputs) copied into
+    ``root`` as a fresh git repository, with ``edit`` applied to its params.yaml."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, listed):
+        src = REPO / name.decode()
+        if src.is_file():
+            (root / name.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / name.decode())
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    edit(params)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(root, "git", "init", "-q")
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-qm", "bench")
 
 
 def scratch_params(root: Path, n_patients: int) -> Params:

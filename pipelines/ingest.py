@@ -59,7 +59,17 @@ def plan_task(cfg: IngestParams, paths: IngestPaths) -> Plan:
 
 @io_task("ingest-series", task_run_name="ingest-{job.key}")
 def series_task(job: Job, cfg: IngestParams, paths: IngestPaths) -> StackResult:
-    return ingest_stack(job, cfg, paths)
+    try:
+        return ingest_stack(job, cfg, paths)
+    except OSError as err:
+        # Named by the series' pseudonymous key; the file name is left out, since the
+        # folders of a PACS export may carry patient names.
+        raise OSError(
+            err.errno,
+            f"series {job.key}: {err.strerror or type(err).__name__} (I/O errors are "
+            f"retried up to {series_task.retries} times); check the storage of the input "
+            f"and of {paths.out}, then rerun: finished series are kept",
+        ) from err
 
 
 @io_task("finalize-ingest")
@@ -69,8 +79,37 @@ def finalize_task(
     return finalize_ingest(cfg, paths, plan, results)
 
 
-def task_runner(kind: str, workers: int) -> Any:
-    """The task runner named in params: threads (default) or processes."""
+def task_runner(kind: str, workers: int, dask_address: str = "") -> Any:
+    """The task runner named in params (``ingest.runner``).
+
+    Args:
+        kind: ``threads`` (default), ``processes`` or ``dask``.
+        workers: threads or processes in the pool; for ``dask`` without an address, the
+            worker processes of a local cluster started for the flow run and closed after it.
+        dask_address: ``tcp://host:8786`` of a running Dask scheduler (``dask`` only). Its
+            workers must import ``medimg`` and see the data folders at the same paths.
+
+    Returns:
+        A Prefect task runner, for ``ingest_flow.with_options(task_runner=...)``.
+    """
+    if kind == "dask":
+        # Imported here, so that the other runners never load dask (half a second).
+        from prefect_dask import DaskTaskRunner
+
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={
+                "n_workers": workers,
+                "threads_per_worker": 1,  # one series at a time per process, as processes do
+                "processes": True,  # pydicom parses in pure Python: processes avoid the GIL
+                "dashboard_address": None,  # no dashboard (it needs bokeh)
+                # The scheduler's HTTP endpoint (health, metrics) listens anyway: on a free
+                # local port, not 8787, which a second cluster would find taken (a warning).
+                "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},
+            },
+        )
     if kind == "processes":
         return ProcessPoolTaskRunner(max_workers=workers)
     return ThreadPoolTaskRunner(max_workers=workers)
@@ -96,7 +135,8 @@ def ingest_flow(params: Params, root: Path = Path(".")) -> dict[str, Any]:
 def run(params_file: Path = Path("params.yaml"), root: Path = Path(".")) -> dict[str, Any]:
     """Run the flow with the task runner and worker count from params."""
     params = load_params(params_file)
-    runner = task_runner(params.ingest.runner, workers(params.ingest))
+    cfg = params.ingest
+    runner = task_runner(cfg.runner, workers(cfg), cfg.dask_address)
     return ingest_flow.with_options(task_runner=runner)(params, root)
 
 
