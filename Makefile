@@ -11,7 +11,7 @@ STAMP := $(VENV)/.medimg-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test lint bench ui serve prefect-server clean
+.PHONY: install demo test lint audit bench ui serve prefect-server clean
 
 install: $(STAMP)
 
@@ -47,11 +47,17 @@ ui: $(STAMP)
 # A Prefect server on 127.0.0.1:4200 (UI and API), and the scheduled deployments served
 # against it: nightly-retrain runs the pipeline on orchestration.retrain_cron.
 prefect-server: $(STAMP)
-	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+	$(BIN)/medimg prefect-server --port $(or $(PREFECT_PORT),4200)
 
 serve: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
 serve: $(STAMP)
 	$(BIN)/python -m pipelines.deployments
+
+# Known vulnerabilities in the installed environment (PyPI's advisory data; needs network).
+# medimg itself (editable) is skipped; packages PyPI does not know, such as a +cpu torch
+# build, are listed as not audited.
+audit: $(STAMP)
+	$(BIN)/pip-audit --skip-editable --progress-spinner off
 
 bench: $(STAMP)
 	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done

@@ -238,12 +238,30 @@ def promote(
         _decision(task, stages.promote(params, task, version=version, force=force, reason=reason))
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+HOST_OPTION = typer.Option(
+    "127.0.0.1",
+    help="Address to listen on. Anything but loopback exposes the server to the network: "
+    "put authentication in front of it first (README, 'Shared deployments').",
+)
+
+
+def _warn_if_exposed(host: str, what: str) -> None:
+    if host not in LOOPBACK:
+        typer.echo(
+            f"WARNING: {what} listens on {host}, reachable from the network; it has no "
+            "authentication of its own: see the README, 'Shared deployments'",
+            err=True,
+        )
+
+
 @app.command()
 def ui(
-    port: int = typer.Option(5000, help="Port on 127.0.0.1."),
+    port: int = typer.Option(5000, help="Port."),
+    host: str = HOST_OPTION,
     params_file: Path = PARAMS_OPTION,
 ) -> None:
-    """Start the MLflow UI on 127.0.0.1 against the project's store."""
+    """Start the MLflow UI (127.0.0.1 by default) against the project's store."""
     import os
     import sys
 
@@ -254,14 +272,31 @@ def ui(
     if not uri.startswith(("sqlite:", "file:", "postgresql", "mysql")) and "://" in uri:
         typer.echo(f"runs are on a tracking server: open {uri}")
         return
+    _warn_if_exposed(host, "the MLflow UI")
     artifacts = params.tracking.artifacts.resolve()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     typer.echo(f"MLflow UI: {url}  (store {uri}; Ctrl-C stops it)")
     mlflow = str(Path(sys.executable).parent / "mlflow")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    args = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    args = [mlflow, "server", "--host", host, "--port", str(port), "--workers", "1"]
     args += ["--backend-store-uri", uri, "--default-artifact-root", artifacts.as_uri()]
     os.execve(mlflow, args, env)
+
+
+@app.command("prefect-server")
+def prefect_server(
+    port: int = typer.Option(4200, help="Port."),
+    host: str = HOST_OPTION,
+) -> None:
+    """Start a Prefect server and its UI (127.0.0.1 by default), without telemetry."""
+    import os
+    import sys
+
+    _warn_if_exposed(host, "the Prefect server")
+    typer.echo(f"Prefect UI: http://{host}:{port}  (API /api; Ctrl-C stops it)")
+    prefect = str(Path(sys.executable).parent / "prefect")
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    os.execve(prefect, [prefect, "server", "start", "--host", host, "--port", str(port)], env)
 
 
 def main() -> None:

@@ -60,6 +60,11 @@ def tiny_params() -> dict:
     return params.model_dump(mode="json")
 
 
+def metrics_files(root: Path) -> dict[str, str]:
+    """The text of every metrics file the pipeline writes (``metrics/*.json``)."""
+    return {p.name: p.read_text() for p in sorted((root / "metrics").glob("*.json"))}
+
+
 def tracked_outputs(root: Path) -> dict[str, str]:
     """md5 of every file DVC tracks in the cache (data and weights)."""
     files = [*(root / "data").rglob("*"), *(root / "models").rglob("model.pt")]
@@ -111,19 +116,25 @@ def stages_run(output: str) -> list[str]:
 class DvcProject:
     project: Project
     first_repro: str  # what the first `dvc repro` printed
+    first_metrics: dict[str, str]  # metrics files after it
 
 
 @pytest.fixture(scope="session")
 def dvc_project(tmp_path_factory: pytest.TempPathFactory) -> DvcProject:
     """The repository copied into a fresh git repo with tiny params, after one `dvc repro`
     from nothing. Tests may change it but must leave the pipeline up to date."""
-    root = tmp_path_factory.mktemp("dvc") / "project"
+    project = new_project(tmp_path_factory.mktemp("dvc") / "project")
+    out = project.dvc("repro")
+    project.commit("first results")
+    return DvcProject(project, out, metrics_files(project.root))
+
+
+def new_project(root: Path) -> Project:
+    """A fresh git repository at ``root`` holding the repository with tiny params."""
     root.mkdir()
     copy_project(root)
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     project = Project(root)
     project.run("git", "init", "-q")
     project.commit("tiny medimg project")
-    out = project.dvc("repro")
-    project.commit("first results")
-    return DvcProject(project, out)
+    return project

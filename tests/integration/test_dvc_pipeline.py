@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.project import STAGES, DvcProject, stages_run, tracked_outputs
+from tests.integration.project import (
+    STAGES,
+    DvcProject,
+    metrics_files,
+    new_project,
+    stages_run,
+    tracked_outputs,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -77,3 +84,14 @@ def test_repro_noop_param_change_experiment_push_pull(
     project.dvc("pull")
     assert tracked_outputs(root) == before
     assert json.loads(project.dvc("status", "--json")) == {}
+
+
+def test_two_repros_from_clean_give_identical_metrics(
+    dvc_project: DvcProject, tmp_path: Path
+) -> None:
+    """Determinism on CPU: a second copy, reproduced from nothing, writes the same metrics
+    files, byte for byte, as the first repro of the session's project."""
+    second = new_project(tmp_path / "second")
+    second.dvc("repro")
+    assert len(dvc_project.first_metrics) == 4, sorted(dvc_project.first_metrics)
+    assert metrics_files(second.root) == dvc_project.first_metrics

@@ -1,0 +1,154 @@
+"""A real Prefect server, the pipeline deployment served against it, one run to the end.
+
+The deployment is served by ``python -m pipelines.deployments`` (what ``make serve``
+runs) over the tiny DVC project; the test checks the deployment's schedule, triggers a
+run through the API, waits for it to complete, then reads its artifact and the outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.project import DvcProject
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@contextlib.contextmanager
+def _process(args: list[str], log: Path, **kwargs: object) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
+        )  # type: ignore[call-overload]
+    try:
+        yield proc
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def prefect_server(workdir: Path) -> Iterator[str]:
+    """``prefect server start`` on a free loopback port; yields the API URL."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(workdir),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{workdir}/prefect.db",
+    }
+    prefect = str(Path(sys.executable).parent / "prefect")
+    args = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    log = workdir / "server.log"
+    with _process(args, log, env=env) as proc:
+        api = f"http://127.0.0.1:{port}/api"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        yield api
+
+
+async def _wait_for_run(deployment_name: str, timeout: float) -> tuple[object, object, list]:
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    async with get_client() as client:
+        deadline = time.monotonic() + 60
+        while True:  # the served deployment registers itself
+            with contextlib.suppress(Exception):
+                deployment = await client.read_deployment_by_name(deployment_name)
+                break
+            assert time.monotonic() < deadline, "the deployment never appeared"
+            await asyncio.sleep(1)
+        run = await run_deployment(deployment_name, timeout=0)
+        deadline = time.monotonic() + timeout
+        while True:
+            run = await client.read_flow_run(run.id)
+            if run.state is not None and run.state.is_final():
+                break
+            assert time.monotonic() < deadline, f"flow run still {run.state}"
+            await asyncio.sleep(2)
+        artifacts = await client.read_artifacts()
+        mine = [a for a in artifacts if a.flow_run_id == run.id]
+        return deployment, run, mine
+
+
+def test_served_pipeline_deployment_runs_to_completion(
+    dvc_project: DvcProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = dvc_project.project
+    root = project.root
+    # one training parameter changes: the run must retrain the classifier, skip the rest
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["classify"]["weight_decay"] = 0.003
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (tmp_path / "server").mkdir()
+    with prefect_server(tmp_path / "server") as api:
+        monkeypatch.setenv("PREFECT_API_URL", api)
+        env = {**project.env, "PREFECT_API_URL": api}
+        serve = [sys.executable, "-m", "pipelines.deployments", "--root", str(root)]
+        serve += ["--params", str(root / "params.yaml")]
+        with _process(serve, tmp_path / "serve.log", env=env, cwd=root):
+            deployment, run, artifacts = asyncio.run(
+                _wait_for_run("pipeline/nightly-retrain", timeout=600)
+            )
+    log = (tmp_path / "serve.log").read_text()
+    assert run.state.is_completed(), f"{run.state}\n{log[-4000:]}"  # type: ignore[attr-defined]
+    # scheduled by cron in the configured time zone
+    schedule = deployment.schedules[0].schedule  # type: ignore[attr-defined]
+    assert schedule.cron == "0 2 * * *" and schedule.timezone == "UTC"
+    # the report: what ran, what was skipped, metrics with CIs, the gate
+    [report] = [a for a in artifacts if a.key == "medimg-pipeline"]
+    text = report.data
+    assert "| train_classify | ran |" in text and "| evaluate_classify | ran |" in text
+    assert "| train_segment | up to date, skipped |" in text
+    assert "| ingest | up to date, skipped |" in text
+    assert "| classify | auroc |" in text and "| segment | dice |" in text
+    assert "## Registry" in text and "## Ingest QC" in text
+    # dvc.lock is true again and the MLflow run knows its flow run
+    assert json.loads(project.dvc("status", "--json")) == {}
+    record = json.loads((root / "models/classify/mlflow_run.json").read_text())
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    tags = client.get_run(record["run_id"]).data.tags
+    assert tags["prefect.flow_run_id"] == str(run.id)  # type: ignore[attr-defined]
+    project.commit("weight decay 0.003, by the scheduled pipeline")
