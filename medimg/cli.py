@@ -238,6 +238,46 @@ def promote(
         _decision(task, stages.promote(params, task, version=version, force=force, reason=reason))
 
 
+@app.command()
+def predict(
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Model URI (default: predict.model), e.g. "
+        "models:/medimg-segmenter@champion or models:/medimg-classifier@champion.",
+    ),
+    input_dir: Path | None = typer.Option(
+        None, "--input", "-i", help="Folder of new DICOM studies (default: orchestration.inbox)."
+    ),
+    output_dir: Path | None = typer.Option(
+        None, "--output", "-o", help="Results folder (default: predict.output)."
+    ),
+    pacs: bool = typer.Option(
+        False,
+        "--pacs",
+        help="PACS mode: the DICOM SEG references the original images and "
+        "carries the patient's identity (PHI). Default: de-identified.",
+    ),
+    params_file: Path = PARAMS_OPTION,
+) -> None:
+    """Predict new DICOM studies: NIfTI masks, DICOM SEG, predictions.csv, report.html."""
+    from medimg import stages
+
+    params = _load(params_file)
+    if pacs:
+        cfg = params.predict.model_copy(update={"deid": "pacs"})
+        params = params.model_copy(update={"predict": cfg})
+    with _user_errors(), _progress("predict: series") as progress:
+        summary = stages.predict(params, Path("."), input_dir, output_dir, model, progress)
+    out = output_dir or params.predict.output
+    typer.echo(
+        f"{summary['n_predicted']} series predicted ({summary['n_positive']} positive) with "
+        f"{summary['model']} v{summary['model_version']}, {summary['n_rejected']} rejected, "
+        f"{summary['n_failed']} failed; see {out}/report.html"
+    )
+
+
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 HOST_OPTION = typer.Option(
     "127.0.0.1",

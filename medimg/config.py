@@ -169,7 +169,9 @@ class TaskTrainParams(StrictModel):
     """One task's model and optimisation."""
 
     arch: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = "resnet18"  # backbone
-    spatial_dims: Literal[2, 3] = 3  # 3D volumes, or 2D (one axial slice per volume)
+    spatial_dims: Literal[2, 3] = 3  # 3: 3D volumes; 2: axial slices of the same volumes
+    # (segment: patches_per_volume slices of patch_size[:2], predicted slice by slice;
+    # classify: each volume a bag of slices, top-k mean of slice logits)
     conv1_stride: int = Field(2, ge=1, le=2)  # first conv stride (2 is ~7x faster in 3D)
     pretrained: str = "none"  # none | path to MedicalNet .pth, torchvision .pth,
     # medimg checkpoint, or an MLflow URI such as models:/medimg-classifier@champion
@@ -248,6 +250,25 @@ class OrchestrationParams(StrictModel):
     work_pool: str = "medimg"  # the work pool deployments are sent to (`prefect worker`)
 
 
+class PredictParams(StrictModel):
+    """Prediction on new studies: which model, where results go, how PHI is handled."""
+
+    model: str = "models:/medimg-segmenter@champion"  # registered model (or runs:/) URI
+    output: Path = Path("predictions")  # results folder: <key>/, predictions.csv, report
+    deid: Literal["deidentified", "pacs"] = "deidentified"  # pacs: the SEG references the
+    # original instances and carries the patient and study (for the hospital's own PACS)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # inference device; auto: CUDA if any
+    seg_series_number: int = Field(9901, ge=1)  # SeriesNumber of the DICOM SEG objects
+    montage_slices: int = Field(12, ge=1)  # slices shown in each PNG montage
+    montage_columns: int = Field(4, ge=1)  # montage tiles per row
+    montage_window_hu: Range = (-160.0, 240.0)  # CT display window of the montage, HU
+
+    @model_validator(mode="after")
+    def _check(self) -> PredictParams:
+        _ordered(self.montage_window_hu, "predict.montage_window_hu")
+        return self
+
+
 class Params(StrictModel):
     """All of ``params.yaml``."""
 
@@ -262,6 +283,7 @@ class Params(StrictModel):
     tracking: TrackingParams = TrackingParams()
     registry: RegistryParams = RegistryParams()
     orchestration: OrchestrationParams = OrchestrationParams()
+    predict: PredictParams = PredictParams()
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -208,3 +208,33 @@ def promote(
         reason=reason,
         champion_cases=_champion_scorer(params, task, root),
     )
+
+
+def predict(
+    params: Params,
+    root: Path = Path("."),
+    input_dir: Path | None = None,
+    output_dir: Path | None = None,
+    model_uri: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """A folder of new DICOM studies to masks, DICOM SEG, predictions.csv and report.html,
+    with a registered model (default ``predict.model``) and its stored preprocessing.
+
+    ``input_dir`` defaults to ``orchestration.inbox``, ``output_dir`` to ``predict.output``.
+    """
+    from medimg import tracking
+    from medimg.predict import load_predictor
+    from medimg.predict import predict as run
+
+    cfg = params.predict
+    client = tracking.configure(params, root)
+    predictor = load_predictor(model_uri or cfg.model, client, cfg.device)
+    return run(
+        cfg,
+        ingest_params(params, root),
+        predictor,
+        _at(root, input_dir or params.orchestration.inbox),
+        _at(root, output_dir or cfg.output),
+        progress,
+    )

@@ -417,6 +417,64 @@ def load_model(uri: str) -> Any:
         raise ConfigError(f"{uri}: cannot load this MLflow model ({err.message})") from err
 
 
+@dataclass
+class ModelBundle:
+    """A logged medimg model with what prediction needs besides the weights."""
+
+    module: Any  # torch.nn.Module, eval mode, on the CPU
+    meta: dict[str, Any]  # model_config.json: task, model, patch_size, preprocess, ...
+    run_id: str  # the run that logged it ("" when MLflow does not say)
+
+
+def load_bundle(uri: str) -> ModelBundle:
+    """A medimg model by URI (``models:/name@alias``, ``models:/name/3``, ``runs:/...``)
+    with its stored config, through MLflow's pyfunc path.
+
+    Raises:
+        ConfigError: no such model, or not one that medimg logged.
+    """
+    try:
+        pyfunc = mlflow.pyfunc.load_model(uri)
+    except MlflowException as err:
+        raise ConfigError(
+            f"{uri}: cannot load this MLflow model ({err.message}); check the name and alias "
+            "in the MLflow UI and the tracking URI (tracking.uri or MLFLOW_TRACKING_URI)"
+        ) from err
+    model = pyfunc.unwrap_python_model()
+    if not isinstance(model, MedimgModel) or "preprocess" not in model.meta:
+        raise ConfigError(f"{uri}: not a medimg model (no model_config.json with preprocess)")
+    return ModelBundle(model.torch_model(), dict(model.meta), str(pyfunc.metadata.run_id or ""))
+
+
+def registered_version(client: MlflowClient, uri: str) -> tuple[str, str] | None:
+    """(name, version) that ``models:/name@alias`` or ``models:/name/3`` points to; None
+    for other URIs.
+
+    Raises:
+        ConfigError: no such registered model or alias.
+    """
+    if not uri.startswith("models:/"):
+        return None
+    ref = uri[len("models:/") :].strip("/")
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as err:
+        raise ConfigError(f"{uri}: no such registered model or alias ({err.message})") from err
+    if "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        if version.isdigit():
+            return name, version
+    return None
+
+
+def decision_threshold(client: MlflowClient, run_id: str) -> float:
+    """The classification threshold chosen on validation data when the run's model was
+    evaluated (0.5 when it was not evaluated)."""
+    return _threshold(client, run_id)
+
+
 def load_state_dict(uri: str) -> dict[str, Any]:
     """Weights of a logged or registered model, as a state dict (for initialisation)."""
     from safetensors.torch import load_file

@@ -1,7 +1,9 @@
 """Prefect deployments: scheduled pipeline runs without anyone present.
 
 ``nightly-retrain`` runs :func:`pipelines.pipeline.pipeline_flow` on the cron schedule and
-time zone of ``orchestration`` in ``params.yaml``. ``python -m pipelines.deployments``
+time zone of ``orchestration`` in ``params.yaml``; ``predict-inbox`` runs
+:func:`pipelines.predict.predict_inbox_flow` on the inbox folder every
+``orchestration.inbox_interval_s`` seconds. ``python -m pipelines.deployments``
 (``make serve``) serves it from this process against the Prefect server in
 ``PREFECT_API_URL`` (``make prefect-server`` starts one on 127.0.0.1); scheduled runs
 then happen while it runs. To run on a work pool and workers instead, see the README.
@@ -19,6 +21,7 @@ from prefect.schedules import Cron, Interval
 
 from medimg.config import Params, load_params
 from pipelines.pipeline import pipeline_flow
+from pipelines.predict import predict_inbox_flow
 
 
 def nightly_retrain(
@@ -40,6 +43,18 @@ def nightly_retrain(
     )
 
 
+def predict_inbox(params: Params, params_file: Path, root: Path) -> Any:
+    """The inbox deployment: predicts new studies every ``orchestration.inbox_interval_s``."""
+    o = params.orchestration
+    return predict_inbox_flow.to_deployment(
+        name="predict-inbox",
+        schedules=[Interval(timedelta(seconds=o.inbox_interval_s), timezone=o.timezone)],
+        parameters={"params_file": str(params_file.resolve()), "root": str(root.resolve())},
+        description="predict (masks, DICOM SEG, predictions.csv, report) on the inbox folder",
+        tags=["medimg"],
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve medimg's Prefect deployments.")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -49,7 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    serve(nightly_retrain(params, args.params, args.root, args.every_seconds))
+    serve(
+        nightly_retrain(params, args.params, args.root, args.every_seconds),
+        predict_inbox(params, args.params, args.root),
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,220 @@
+"""DICOM Segmentation objects (highdicom) from a mask on a series' volume grid.
+
+The mask comes on the grid of the ingested volume: indexed (i, j, k) = (column, row,
+slice) with a RAS affine (see :mod:`medimg.volume`). Each source image is matched to its
+slice **by position**: its ImagePositionPatient (per frame, for multi-frame objects) goes
+through the inverse of that affine and must land on a whole slice index, with row and
+column directions equal to the volume's. So a series whose InstanceNumber ignores
+position, or stacked against its normal, still gets every frame on the right instance;
+a volume whose slices were resampled (``ingest.irregular: resample``) has no slice for
+some source images and is refused, rather than written misaligned.
+
+Which source images a SEG references decides where it may go (see
+:mod:`medimg.predict`): de-identified copies (the default) or the original instances (the
+hospital's own PACS, where the SEG then carries the patient's identity).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.dataset import Dataset
+
+from medimg.dicom.geometry import LPS_TO_RAS, direction_cosines
+from medimg.errors import DicomError
+from medimg.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+POSITION_TOLERANCE = 0.05  # max distance of a source frame from a slice centre, voxels
+ORIENTATION_TOLERANCE = 1e-3  # max difference of direction cosines
+
+
+@dataclass(frozen=True)
+class SegInfo:
+    """What the SEG says about where it came from (no patient data)."""
+
+    series_description: str  # e.g. "medimg lesion (medimg-segmenter v3)"
+    algorithm_name: str  # the registered model's name
+    algorithm_version: str  # its version (or run id)
+    series_number: int = 9901
+    segment_label: str = "Lesion"
+    manufacturer: str = "medimg"
+    software_version: str = "0"
+
+
+def _frame_positions(ds: Dataset) -> list[npt.NDArray[np.float64]]:
+    """ImagePositionPatient of every frame of ``ds``, LPS mm, in frame order."""
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        out = []
+        for item in ds.PerFrameFunctionalGroupsSequence:
+            out.append(np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, float))
+        return out
+    return [np.asarray(ds.ImagePositionPatient, dtype=np.float64)]
+
+
+def _orientation(ds: Dataset) -> npt.NDArray[np.float64]:
+    if "ImageOrientationPatient" in ds:
+        return np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    if "PlaneOrientationSequence" in shared:
+        return np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float)
+    first = ds.PerFrameFunctionalGroupsSequence[0]
+    return np.asarray(first.PlaneOrientationSequence[0].ImageOrientationPatient, float)
+
+
+def slice_indices(affine: npt.NDArray[np.float64], shape: Sequence[int], ds: Dataset) -> list[int]:
+    """The volume slice index k of each frame of ``ds``, found by position.
+
+    Args:
+        affine: the volume's RAS affine, voxel (i, j, k) to mm.
+        shape: the volume's shape (columns, rows, slices).
+        ds: a source image (single- or multi-frame).
+
+    Raises:
+        DicomError: a frame lies off the volume's slices, or its rows and columns run
+            along other directions than the volume's (the message names the frame).
+    """
+    row, col, _ = direction_cosines(_orientation(ds))
+    lps = LPS_TO_RAS @ affine  # LPS_TO_RAS is its own inverse
+    axes = lps[:3, :3] / np.linalg.norm(lps[:3, :3], axis=0)
+    if not (
+        np.allclose(axes[:, 0], row, atol=ORIENTATION_TOLERANCE)
+        and np.allclose(axes[:, 1], col, atol=ORIENTATION_TOLERANCE)
+    ):
+        raise DicomError("a source image's rows and columns do not run along the volume's axes")
+    if int(ds.Rows) != shape[1] or int(ds.Columns) != shape[0]:
+        raise DicomError("a source image's matrix differs from the volume's")
+    inverse = np.linalg.inv(lps)
+    out = []
+    for n, position in enumerate(_frame_positions(ds)):
+        ijk = (inverse @ np.append(position, 1.0))[:3]
+        k = round(float(ijk[2]))
+        off = np.abs(ijk - np.array([0.0, 0.0, k]))
+        if np.any(off > POSITION_TOLERANCE) or not 0 <= k < shape[2]:
+            raise DicomError(
+                f"source frame {n + 1} lies {np.round(ijk, 2).tolist()} in volume voxels, "
+                "not on a slice (was the volume resampled?)"
+            )
+        out.append(k)
+    return out
+
+
+def source_frames(
+    mask: npt.NDArray[np.integer], affine: npt.NDArray[np.float64], sources: Sequence[Dataset]
+) -> npt.NDArray[np.uint8]:
+    """The mask cut into the source images' frames: (frames, rows, columns), the frames
+    of ``sources`` in order (every frame of a multi-frame source).
+
+    Raises:
+        DicomError: see :func:`slice_indices`.
+    """
+    frames = []
+    for ds in sources:
+        for k in slice_indices(affine, mask.shape, ds):
+            frames.append(np.asarray(mask[:, :, k]).T)  # (columns, rows) -> (rows, columns)
+    return (np.stack(frames) > 0).astype(np.uint8)
+
+
+def read_sources(paths: Sequence[Path]) -> list[Dataset]:
+    """The source images, once each, ordered by SOPInstanceUID (any order works: the
+    frames are matched by position).
+
+    Raises:
+        DicomError: a file cannot be read (the message names it), or the series mixes
+            multi-frame objects with others (a SEG references one multi-frame source).
+    """
+    found: dict[str, Dataset] = {}
+    for path in dict.fromkeys(paths):
+        try:
+            ds = pydicom.dcmread(path)
+        except (pydicom.errors.InvalidDicomError, OSError) as e:
+            raise DicomError(f"{path}: cannot read as DICOM ({type(e).__name__})") from e
+        found.setdefault(str(ds.SOPInstanceUID), ds)
+    sources = [found[uid] for uid in sorted(found)]
+    if len(sources) > 1 and any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in sources):
+        raise DicomError("series of several multi-frame images: no SEG (one source expected)")
+    return sources
+
+
+def build_seg(
+    mask: npt.NDArray[np.integer],
+    affine: npt.NDArray[np.float64],
+    sources: Sequence[Dataset],
+    info: SegInfo,
+) -> Dataset:
+    """A binary DICOM SEG of ``mask`` over ``sources``; highdicom validates it as it builds.
+
+    The SEG's own UIDs are derived from the source series, the algorithm and its version,
+    so predicting again with the same model gives the same SeriesInstanceUID and
+    SOPInstanceUID (a PACS replaces the object instead of piling up copies).
+
+    Raises:
+        DicomError: the frames cannot be matched to ``sources``, or highdicom refuses.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    pixels = source_frames(mask, affine, sources)
+    series_uid = str(sources[0].SeriesInstanceUID)
+    seed = [series_uid, info.algorithm_name, info.algorithm_version]
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=info.algorithm_name[:64],
+        version=info.algorithm_version[:64],
+        family=codes.cid7162.ArtificialIntelligence,
+    )
+    segment = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=info.segment_label,
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+    )
+    with warnings.catch_warnings():
+        try:
+            # pseudonyms are one-component person names, which highdicom warns about
+            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person")
+            return hd.seg.Segmentation(
+                source_images=list(sources),
+                pixel_array=pixels,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=[segment],
+                series_instance_uid=generate_uid(entropy_srcs=[*seed, "series"]),
+                series_number=info.series_number,
+                sop_instance_uid=generate_uid(entropy_srcs=[*seed, "instance"]),
+                instance_number=1,
+                manufacturer=info.manufacturer,
+                manufacturer_model_name=info.algorithm_name[:64],
+                software_versions=info.software_version[:64],
+                device_serial_number=info.algorithm_version[:64],
+                series_description=info.series_description[:64],
+                omit_empty_frames=False,  # every source frame referenced, lesion or not
+            )
+        except (ValueError, TypeError, AttributeError) as e:
+            # highdicom quotes the offending value, which may be the patient's (PACS mode)
+            reason = re.sub(r"'[^']*'|\"[^\"]*\"", "<value>", str(e))
+            raise DicomError(f"highdicom refused the SEG: {reason}") from e
+
+
+def write_seg(
+    mask: npt.NDArray[np.integer],
+    affine: npt.NDArray[np.float64],
+    sources: Sequence[Dataset],
+    info: SegInfo,
+    path: Path,
+) -> Dataset:
+    """Build the SEG (:func:`build_seg`) and write it to ``path`` atomically."""
+    seg = build_seg(mask, affine, sources, info)
+    with atomic_path(path, suffix=".tmp.dcm") as tmp:
+        seg.save_as(tmp, enforce_file_format=True)
+    return seg

@@ -1,0 +1,509 @@
+"""The predict stage: a folder of new DICOM studies to results a PACS viewer can show.
+
+For every series in the folder:
+
+1. **ingest** with the training rules (:mod:`medimg.ingest`: the same grouping, geometry
+   checks, QC gate and de-identified volumes); series that fail the gate are reported
+   with their reason, never predicted;
+2. **preprocess** with the transforms stored with the model: the ``preprocess`` section
+   of the model's logged ``model_config.json``, not today's ``params.yaml``;
+3. **infer**: sliding windows of the model's patch size (segmentation), or the whole
+   volume (classification);
+4. **invert**: the probability map goes back from the model's grid to the series' own
+   grid (the ingested volume: RAS NIfTI with the series' affine) by world coordinates,
+   with nibabel's resampling (linear on probabilities, then 0.5). Every spatial step of
+   preprocessing (orientation, spacing, crop, pad) is recorded in the MetaTensor's
+   affine, so this one resampling undoes all of them, whatever the orientation;
+5. **write** under ``output/<key>/``: ``mask.nii.gz`` (on the series' grid), ``seg.dcm``
+   (DICOM SEG, frames matched to source instances by position) and ``montage.png``;
+   then ``predictions.csv`` and ``report.html`` for the folder.
+
+De-identification (``predict.deid``):
+
+- ``deidentified`` (default): ingest also exports de-identified copies of the source
+  images (``output/ingest/dicom/<key>/``, pseudonymous patient, remapped UIDs), and the
+  SEG references those copies. Nothing in ``output`` then names the patient; the SEG and
+  its copies open together in any viewer.
+- ``pacs``: the SEG references the original instances and so carries the patient's
+  name, ID and study (highdicom copies them from the sources), which a hospital PACS
+  needs to file it next to the images. **These SEG files are PHI**; file names, CSV,
+  report and logs still use only pseudonymous keys.
+
+Output file names are the pseudonymous series key of ingest. Every file is written
+atomically; a series that fails is reported with its reason and the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import numpy.typing as npt
+
+from medimg.config import IngestParams, PredictParams, PreprocessParams
+from medimg.errors import DicomError, MedImgError
+from medimg.ingest import (
+    IngestPaths,
+    Job,
+    Plan,
+    StackResult,
+    finalize_ingest,
+    ingest_stack,
+    plan_ingest,
+)
+from medimg.io import atomic_write_text
+from medimg.volume import save_nifti
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+PREDICTIONS_COLUMNS = [
+    "key",
+    "study",
+    "modality",
+    "plane",
+    "status",
+    "reason",
+    "probability",
+    "label",
+    "threshold",
+    "lesion_voxels",
+    "lesion_ml",
+    "model",
+    "model_version",
+]
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass
+class Predictor:
+    """A registered model ready to predict, with what was stored beside it."""
+
+    uri: str
+    task: str  # classify | segment
+    module: Any  # torch.nn.Module, eval mode, on ``device``
+    preprocess: PreprocessParams  # the transforms the model was trained with
+    patch_size: tuple[int, ...]  # sliding-window size, voxels
+    name: str  # registered name (or the URI for runs:/ models)
+    version: str  # registered version (or the run id)
+    run_id: str
+    threshold: float = 0.5  # classification cut, from the model's evaluation
+    device: Any = None  # torch.device
+
+
+def load_predictor(uri: str, client: Any, device: str = "auto") -> Predictor:
+    """Load a model logged by :func:`medimg.tracking.log_model`, by URI, through MLflow's
+    pyfunc path, with its stored config (task, patch size, preprocessing) and, for a
+    classifier, the decision threshold chosen at evaluation.
+
+    Args:
+        uri: ``models:/name@alias``, ``models:/name/3`` or ``runs:/<id>/model``.
+        client: the ``MlflowClient`` of :func:`medimg.tracking.configure`.
+        device: auto | cpu | cuda.
+
+    Raises:
+        ConfigError: no such model, or it is not a medimg model.
+    """
+    from medimg import tracking
+    from medimg.train import resolve_device
+
+    bundle = tracking.load_bundle(uri)
+    found = tracking.registered_version(client, uri)
+    meta, run_id = bundle.meta, bundle.run_id
+    name, version = found if found else (uri, run_id)
+    task = str(meta["task"])
+    threshold = (
+        tracking.decision_threshold(client, run_id) if task == "classify" and run_id else 0.5
+    )
+    dev = resolve_device(device)
+    module = bundle.module.to(dev).eval()
+    return Predictor(
+        uri=uri,
+        task=task,
+        module=module,
+        preprocess=PreprocessParams(**meta["preprocess"]),
+        patch_size=tuple(int(v) for v in meta["patch_size"]),
+        name=name,
+        version=version,
+        run_id=run_id,
+        threshold=threshold,
+        device=dev,
+    )
+
+
+# ----------------------------------------------------------------------------- one series
+
+
+@dataclass
+class SeriesResult:
+    """One series' outcome: a row of predictions.csv and of the report."""
+
+    key: str
+    study: str = ""
+    modality: str = ""
+    plane: str = ""
+    status: str = "predicted"  # predicted | rejected | failed
+    reason: str = ""
+    probability: float | None = None
+    label: int | None = None
+    lesion_voxels: int | None = None
+    lesion_ml: float | None = None
+    outputs: dict[str, str] = field(default_factory=dict)  # kind -> path within output
+    seconds: dict[str, float] = field(default_factory=dict)  # step -> seconds
+    n_files: int = 0
+
+
+def preprocess_volume(path: Path, modality: str, cfg: PreprocessParams) -> Any:
+    """The ingested volume through the model's deterministic chain: a MetaTensor
+    (1, R, A, S) whose ``affine`` maps the model's grid to RAS mm."""
+    from medimg.transforms import IMAGE, preprocessing_transforms
+
+    return preprocessing_transforms(modality, cfg, with_label=False)({IMAGE: str(path)})[IMAGE]
+
+
+def to_original_grid(
+    values: npt.NDArray[np.floating],
+    model_affine: npt.NDArray[np.float64],
+    shape: tuple[int, ...],
+    affine: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float32]:
+    """Resample a map on the model's grid onto the series' grid (linear; 0 outside the
+    model's field of view). Both affines are voxel to RAS mm."""
+    from nibabel.processing import resample_from_to
+
+    src = nib.Nifti1Image(np.asarray(values, dtype=np.float32), model_affine)
+    out = resample_from_to(src, (tuple(shape), affine), order=1, mode="constant", cval=0.0)
+    return np.asarray(out.dataobj, dtype=np.float32)
+
+
+def infer(predictor: Predictor, image: Any) -> npt.NDArray[np.float32] | float:
+    """Lesion probability per voxel (segment, on the model's grid) or of the volume."""
+    import torch
+
+    from medimg.train import predict
+
+    x = torch.as_tensor(np.asarray(image, dtype=np.float32))[None]  # (1, 1, R, A, S)
+    with torch.no_grad():
+        out = predict(predictor.module, x, predictor.task, predictor.patch_size, predictor.device)
+    if predictor.task == "classify":
+        return float(out[0])
+    return np.asarray(out[0].numpy(), dtype=np.float32)
+
+
+def predict_series(
+    record: dict[str, Any],
+    sources: list[Path],
+    predictor: Predictor,
+    cfg: PredictParams,
+    work: Path,
+    out: Path,
+) -> SeriesResult:
+    """Predict one ingested series and write its outputs under ``out/<key>/``.
+
+    Args:
+        record: its ingest record (key, modality, volume path...).
+        sources: the DICOM files the SEG references (de-identified copies or originals).
+        work: the ingest output folder (``record["volume"]`` is relative to it).
+
+    Never raises for a bad series: the result says ``failed`` and why.
+    """
+    key = record["key"]
+    res = SeriesResult(
+        key=key,
+        study=str(record.get("study", "")),
+        modality=str(record.get("modality", "")),
+        plane=str(record.get("plane", "")),
+        n_files=len(sources),
+    )
+    folder = out / key
+    try:
+        t0 = time.perf_counter()
+        original: Any = nib.load(work / record["volume"])
+        affine = np.asarray(original.affine, dtype=np.float64)
+        image = preprocess_volume(work / record["volume"], res.modality, predictor.preprocess)
+        t1 = time.perf_counter()
+        result = infer(predictor, image)
+        t2 = time.perf_counter()
+        res.seconds = {"preprocess": t1 - t0, "inference": t2 - t1}
+        volume = np.asarray(original.dataobj)
+        mask = None
+        if isinstance(result, float):
+            res.probability = round(result, 6)
+            res.label = int(result >= predictor.threshold)
+        else:
+            model_affine = np.asarray(image.affine, dtype=np.float64)
+            prob = to_original_grid(result, model_affine, volume.shape, affine)
+            mask = (prob >= 0.5).astype(np.uint8)
+            voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+            res.lesion_voxels = int(mask.sum())
+            res.lesion_ml = round(res.lesion_voxels * voxel_ml, 3)
+            res.probability = round(float(prob.max()), 6)
+            res.label = int(res.lesion_voxels > 0)
+            save_nifti(mask, affine, folder / "mask.nii.gz")
+            res.outputs["mask"] = f"{key}/mask.nii.gz"
+            _write_seg(mask, affine, sources, predictor, cfg, folder / "seg.dcm", res)
+        from medimg.report import write_montage
+
+        write_montage(volume, mask, res.modality, cfg, folder / "montage.png")
+        res.outputs["montage"] = f"{key}/montage.png"
+        res.seconds["writing"] = time.perf_counter() - t2
+    except (MedImgError, ValueError, RuntimeError, OSError) as e:
+        res.status, res.reason = "failed", f"{type(e).__name__}: {e}"
+        log.error("series %s: prediction failed: %s", key, res.reason)
+    return res
+
+
+def _write_seg(
+    mask: npt.NDArray[np.uint8],
+    affine: npt.NDArray[np.float64],
+    sources: list[Path],
+    predictor: Predictor,
+    cfg: PredictParams,
+    path: Path,
+    res: SeriesResult,
+) -> None:
+    """The DICOM SEG; a series it cannot be made for keeps its other outputs, with the
+    reason in the report."""
+    from importlib.metadata import version
+
+    from medimg.dicom.seg import SegInfo, read_sources, write_seg
+
+    name = predictor.name if predictor.name != predictor.uri else "medimg-model"
+    info = SegInfo(
+        series_description=f"medimg lesion ({name} v{predictor.version})"[:64],
+        algorithm_name=name,
+        algorithm_version=predictor.version,
+        series_number=cfg.seg_series_number,
+        software_version=f"medimg {version('medimg')}",
+    )
+    try:
+        if not sources:
+            raise DicomError("no source images to reference")
+        write_seg(mask, affine, read_sources(sources), info, path)
+        res.outputs["seg"] = f"{res.key}/seg.dcm"
+    except DicomError as e:
+        res.reason = f"no DICOM SEG: {e}"
+        log.warning("series %s: %s", res.key, res.reason)
+
+
+# ----------------------------------------------------------------------------- the folder
+
+
+@dataclass(frozen=True)
+class PredictPaths:
+    input: Path  # the folder of new DICOM studies
+    out: Path  # results
+
+    @property
+    def ingest(self) -> IngestPaths:
+        return IngestPaths(input=self.input, out=self.out / "ingest")
+
+
+def ingest_rules(cfg: IngestParams, deid: str) -> IngestParams:
+    """Training's ingest rules, for a folder of new studies: a damaged file is set aside
+    and reported (``raise`` would stop every other study), and in de-identified mode the
+    de-identified copies the SEG references are exported."""
+    update: dict[str, Any] = {"export_deid_dicom": deid == "deidentified"}
+    if cfg.on_invalid == "raise":
+        update["on_invalid"] = "warn"
+    return cfg.model_copy(update=update)
+
+
+def source_files(job: Job, paths: IngestPaths, deid: str) -> list[Path]:
+    """The files a series' SEG references: its de-identified copies, or the originals."""
+    if deid == "deidentified":
+        return sorted((paths.deid_dicom / job.key).glob("*.dcm"))
+    return list(dict.fromkeys(s.path for s in job.stack.slices))
+
+
+@dataclass
+class Inbox:
+    """A folder of new studies after ingest: what to predict and what was rejected."""
+
+    paths: PredictPaths
+    items: list[tuple[dict[str, Any], list[Path]]]  # (ingest record, SEG source files)
+    rejected: list[SeriesResult]  # failed ingest or the QC gate: reported, not predicted
+    seconds: float  # ingest time of the whole folder
+
+
+def ingest_inbox(
+    cfg: PredictParams, ingest_cfg: IngestParams, predictor: Predictor, paths: PredictPaths
+) -> Inbox:
+    """Ingest the folder with training's rules (:func:`ingest_rules`) into
+    ``output/ingest`` and apply the QC gate (:func:`qc_gate`).
+
+    Raises:
+        DicomError: the input folder does not exist.
+    """
+    t0 = time.perf_counter()
+    ingest_cfg = ingest_rules(ingest_cfg, cfg.deid)
+    ipaths = paths.ingest
+    shutil.rmtree(ipaths.records, ignore_errors=True)  # every series afresh: new studies
+    plan = plan_ingest(ingest_cfg, ipaths)
+    stacks = [ingest_stack(job, ingest_cfg, ipaths) for job in plan.jobs]
+    finalize_ingest(ingest_cfg, ipaths, plan, stacks)
+    rejected = rejected_series(plan, stacks)
+    items = []
+    for job, stack in zip(plan.jobs, stacks, strict=True):
+        if stack.record is None:
+            continue
+        gate = qc_gate(stack.record, predictor.preprocess)
+        if gate:
+            rejected.append(_result(stack.record, "rejected", gate))
+        else:
+            items.append((stack.record, source_files(job, ipaths, cfg.deid)))
+    return Inbox(paths, items, rejected, time.perf_counter() - t0)
+
+
+def predict(
+    cfg: PredictParams,
+    ingest_cfg: IngestParams,
+    predictor: Predictor,
+    input_dir: Path,
+    out: Path,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the stage (see the module docstring) in this process. Returns the summary
+    that ``summary.json`` and ``report.html`` show.
+
+    Raises:
+        DicomError: the input folder does not exist.
+    """
+    t0 = time.perf_counter()
+    inbox = ingest_inbox(cfg, ingest_cfg, predictor, PredictPaths(input_dir, out))
+    results = list(inbox.rejected)
+    for n, (record, sources) in enumerate(inbox.items, start=1):
+        results.append(predict_series(record, sources, predictor, cfg, inbox.paths.ingest.out, out))
+        if progress:
+            progress(n, len(inbox.items))
+    total = time.perf_counter() - t0
+    return finalize_predict(cfg, predictor, inbox.paths, results, inbox.seconds, total)
+
+
+def _result(record: dict[str, Any], status: str, reason: str) -> SeriesResult:
+    return SeriesResult(
+        key=record["key"],
+        study=str(record.get("study", "")),
+        modality=str(record.get("modality", "")),
+        plane=str(record.get("plane", "")),
+        status=status,
+        reason=reason,
+        n_files=int(record.get("n_slices", 0)),
+    )
+
+
+def qc_gate(record: dict[str, Any], cfg: PreprocessParams) -> str:
+    """Why an ingested series is not predicted ("" when it is): a stack kept with a QC
+    flag is predicted only if the model was trained on such stacks too."""
+    if record.get("status") == "ok":
+        return ""
+    if record.get("status") == "flagged" and cfg.include_flagged:
+        return ""
+    flags = ", ".join(record.get("flags") or []) or str(record.get("status"))
+    return f"QC: {flags} (the model was trained without such stacks)"
+
+
+def rejected_series(plan: Plan, stacks: list[StackResult]) -> list[SeriesResult]:
+    """Rejections of ingest, one row per series (or per reason, for files of no known
+    series), with the reason and detail ingest gave: no path, name or UID (the files are
+    listed in ``ingest/quarantine.csv``)."""
+    by: dict[tuple[str, str], SeriesResult] = {}
+    job_keys = {j.stack.series_uid: j.key for j in plan.jobs}
+    all_rejected = list(plan.rejected) + [r for s in stacks for r in s.rejected]
+    for r in all_rejected:
+        if r.reason in {"not_dicom", "dicomdir", "non_image"}:
+            continue  # not an image: nothing was asked of it
+        key = job_keys.get(r.series_uid, "") if r.series_uid else ""
+        if not key and "series " in r.detail:
+            key = r.detail.split("series ", 1)[1].split(":", 1)[0].strip()
+        slot = (key, r.reason) if key else ("", r.reason + r.detail)
+        if slot not in by:
+            detail = r.detail.split(": ", 1)[1] if r.detail.startswith("series ") else r.detail
+            by[slot] = SeriesResult(
+                key=key or "(files)", status="rejected", reason=f"{r.reason}: {detail}"
+            )
+        by[slot].n_files += 1
+    return list(by.values())
+
+
+def finalize_predict(
+    cfg: PredictParams,
+    predictor: Predictor,
+    paths: PredictPaths,
+    results: list[SeriesResult],
+    ingest_s: float,
+    total_s: float,
+) -> dict[str, Any]:
+    """Write ``predictions.csv``, ``summary.json`` and ``report.html``; return the summary."""
+    from medimg.report import write_report
+
+    results = sorted(results, key=lambda r: (r.status != "predicted", r.key))
+    predicted = [r for r in results if r.status == "predicted"]
+    summary = {
+        "model": predictor.name,
+        "model_uri": predictor.uri,
+        "model_version": predictor.version,
+        "task": predictor.task,
+        "threshold": predictor.threshold,
+        "deid": cfg.deid,
+        "n_series": len([r for r in results if r.key != "(files)"]),
+        "n_predicted": len(predicted),
+        "n_rejected": sum(r.status == "rejected" for r in results),
+        "n_failed": sum(r.status == "failed" for r in results),
+        "n_positive": sum(r.label == 1 for r in predicted),
+        "seconds": {
+            "ingest": round(ingest_s, 3),
+            "total": round(total_s, 3),
+            **{
+                step: round(sum(r.seconds.get(step, 0.0) for r in predicted), 3)
+                for step in ("preprocess", "inference", "writing")
+            },
+        },
+        "series": [_row(r, predictor) | {"outputs": r.outputs} for r in results],
+    }
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=PREDICTIONS_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(_row(r, predictor) for r in results)
+    atomic_write_text(paths.out / "predictions.csv", buf.getvalue())
+    atomic_write_text(paths.out / "summary.json", json.dumps(summary, indent=1))
+    write_report(summary, paths.out / "report.html")
+    log.info(
+        "predict: %d series predicted (%d positive), %d rejected, %d failed; see %s",
+        summary["n_predicted"],
+        summary["n_positive"],
+        summary["n_rejected"],
+        summary["n_failed"],
+        paths.out / "report.html",
+    )
+    return summary
+
+
+def _row(r: SeriesResult, predictor: Predictor) -> dict[str, Any]:
+    return {
+        "key": r.key,
+        "study": r.study,
+        "modality": r.modality,
+        "plane": r.plane,
+        "status": r.status,
+        "reason": r.reason,
+        "probability": r.probability,
+        "label": r.label,
+        "threshold": predictor.threshold if predictor.task == "classify" else 0.5,
+        "lesion_voxels": r.lesion_voxels,
+        "lesion_ml": r.lesion_ml,
+        "model": predictor.name,
+        "model_version": predictor.version,
+    }

@@ -1,0 +1,135 @@
+"""What a human checks after prediction: a PNG montage per series, one HTML page per folder.
+
+Montages show slices of the series as acquired (rows down, columns across, as a DICOM
+viewer shows them) with the predicted mask in red. The page lists every series with its
+result, links to its files, and every series that was not predicted with the reason.
+Both carry pseudonymous keys only. matplotlib is drawn on an Agg canvas, without pyplot.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from medimg.config import PredictParams
+from medimg.io import atomic_path, atomic_write_text
+
+DPI = 100
+TILE_INCHES = 2.0
+
+
+def montage_slices(mask: npt.NDArray | None, n_slices: int, n: int) -> list[int]:
+    """Slice indices to show: spread over the lesion's slices when there is a lesion,
+    else over the whole stack."""
+    if mask is not None and mask.any():
+        hit = np.flatnonzero(mask.reshape(-1, mask.shape[2]).any(axis=0))
+        lo, hi = int(hit.min()), int(hit.max())
+    else:
+        lo, hi = 0, n_slices - 1
+    return sorted({round(float(v)) for v in np.linspace(lo, hi, min(n, hi - lo + 1))})
+
+
+def _display(volume: npt.NDArray, modality: str, cfg: PredictParams) -> npt.NDArray:
+    v = np.asarray(volume, dtype=np.float32)
+    if modality == "CT":
+        lo, hi = cfg.montage_window_hu
+    else:
+        lo, hi = (float(x) for x in np.percentile(v[::2, ::2, :], [1, 99]))
+    return np.clip((v - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+
+
+def write_montage(
+    volume: npt.NDArray,
+    mask: npt.NDArray | None,
+    modality: str,
+    cfg: PredictParams,
+    path: Path,
+) -> None:
+    """PNG of ``cfg.montage_slices`` slices of ``volume`` (i, j, k), mask in red."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    image = _display(volume, modality, cfg)
+    ks = montage_slices(mask, volume.shape[2], cfg.montage_slices)
+    cols = min(cfg.montage_columns, len(ks))
+    rows = -(-len(ks) // cols)
+    fig = Figure(figsize=(cols * TILE_INCHES, rows * TILE_INCHES), dpi=DPI)
+    FigureCanvasAgg(fig)
+    for n, k in enumerate(ks):
+        ax = fig.add_subplot(rows, cols, n + 1)
+        ax.imshow(image[:, :, k].T, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        if mask is not None and mask[:, :, k].any():
+            overlay = np.zeros((*mask.shape[1::-1], 4), dtype=np.float32)
+            overlay[mask[:, :, k].T > 0] = (1.0, 0.1, 0.1, 0.45)
+            ax.imshow(overlay, interpolation="nearest")
+        ax.set_title(f"slice {k + 1}/{volume.shape[2]}", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout(pad=0.3)
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def write_report(summary: dict[str, Any], path: Path) -> None:
+    """``report.html``: the model, the counts, one row per series, the montages."""
+    e = html.escape
+    seconds = summary["seconds"]
+    head = (
+        f"<h1>medimg predictions</h1><p>Model <b>{e(summary['model'])}</b> version "
+        f"<b>{e(str(summary['model_version']))}</b> ({e(summary['model_uri'])}), task "
+        f"{e(summary['task'])}; de-identification: <b>{e(summary['deid'])}</b>.</p>"
+        f"<p>{summary['n_predicted']} series predicted ({summary['n_positive']} positive), "
+        f"{summary['n_rejected']} rejected, {summary['n_failed']} failed. Time: ingest "
+        f"{seconds['ingest']:.1f} s, preprocessing {seconds['preprocess']:.1f} s, inference "
+        f"{seconds['inference']:.1f} s, writing {seconds['writing']:.1f} s.</p>"
+    )
+    if summary["deid"] == "pacs":
+        head += "<p><b>PACS mode: the DICOM SEG files carry the patient's identity.</b></p>"
+    cols = ["key", "study", "modality", "plane", "status", "probability", "label"]
+    cols += ["lesion_ml", "reason"]
+    rows = []
+    for s in summary["series"]:
+        links = " ".join(
+            f'<a href="{e(p)}">{e(kind)}</a>' for kind, p in sorted(s["outputs"].items())
+        )
+        cells = "".join(f"<td>{_cell(s.get(c))}</td>" for c in cols)
+        rows.append(f'<tr class="{e(s["status"])}">{cells}<td>{links}</td></tr>')
+    table = (
+        "<table><tr>"
+        + "".join(f"<th>{c}</th>" for c in [*cols, "files"])
+        + "</tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+    note = (
+        "<p>Rejected series did not pass ingest's QC gate and were not predicted; the "
+        "files set aside are listed in <code>ingest/quarantine.csv</code>, the checks in "
+        "<code>ingest/qc.html</code>.</p>"
+    )
+    montages = "".join(
+        f'<figure><img src="{e(s["outputs"]["montage"])}" alt="montage {e(s["key"])}">'
+        f"<figcaption>{e(s['key'])}</figcaption></figure>"
+        for s in summary["series"]
+        if "montage" in s["outputs"]
+    )
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}"
+        "tr.rejected,tr.failed{background:#fee}img{max-width:800px}"
+    )
+    page = (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>medimg predictions</title>'
+        f"<style>{style}</style></head><body>{head}{table}{note}{montages}</body></html>\n"
+    )
+    atomic_write_text(path, page)
