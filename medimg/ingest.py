@@ -270,6 +270,19 @@ def ingest_stack(job: Job, cfg: IngestParams, paths: IngestPaths, threads: int =
         if cfg.on_invalid == "raise":
             raise DicomError(f"{e.path.relative_to(paths.input)}: {e.detail}") from e
         return StackResult(rejected=rejected)
+    if cfg.export_deid_dicom:  # before any output: a file may fail only this full read
+        failed = _export_dicom(job, cfg, paths)
+        if failed is not None:
+            if cfg.on_invalid == "raise":
+                raise DicomError(f"{failed.path.relative_to(paths.input)}: {failed.detail}")
+            return StackResult(
+                rejected=[failed]
+                + [
+                    Rejection(s.path, "series_incomplete", f"series {job.key}: another file failed")
+                    for s in stack.slices
+                    if s.path != failed.path
+                ]
+            )
     volume, affine = stack_volume(stack, pixels, resample=cfg.irregular == "resample")
     flags = list(stack.flags)
     if cfg.irregular == "resample" and stack.irregular:
@@ -290,8 +303,6 @@ def ingest_stack(job: Job, cfg: IngestParams, paths: IngestPaths, threads: int =
         digest = pool.submit(content_hash, volume, affine)
         save_nifti(volume, affine, paths.out / vol_rel, cfg.compression_level, threads)
         volume_hash = digest.result()
-    if cfg.export_deid_dicom:
-        _export_dicom(job, cfg, paths)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     p01, p99 = np.percentile(volume[::8, ::8, ::2], [1, 99])  # a sample is enough
     record = {
@@ -317,18 +328,29 @@ def ingest_stack(job: Job, cfg: IngestParams, paths: IngestPaths, threads: int =
     return StackResult(record=record)
 
 
-def _export_dicom(job: Job, cfg: IngestParams, paths: IngestPaths) -> None:
-    """De-identified DICOM copies of the stack's files, with consistently remapped UIDs."""
+def _export_dicom(job: Job, cfg: IngestParams, paths: IngestPaths) -> Rejection | None:
+    """De-identified DICOM copies of the stack's files, with consistently remapped UIDs.
+
+    Returns:
+        None, or the rejection of the first file whose header cannot be de-identified (a
+        damaged value the header scan never reads, such as a US of odd length).
+    """
     pseudo = _pseudonymizer(cfg)
     folder = paths.deid_dicom / job.key
     files = list(dict.fromkeys(s.path for s in job.stack.slices))  # stack order, once each
     for n, src in enumerate(files, start=1):
-        write_deidentified(
-            src, folder / f"{n:05d}.dcm", pseudo, patient_pseudonym=job.meta["patient"]
-        )
+        try:
+            write_deidentified(
+                src, folder / f"{n:05d}.dcm", pseudo, patient_pseudonym=job.meta["patient"]
+            )
+        except Exception as e:  # pydicom raises many types on a value it cannot convert
+            return Rejection(
+                src, "unreadable", f"header cannot be de-identified ({type(e).__name__})"
+            )
     for extra in folder.glob("*.dcm"):
         if int(extra.stem) > len(files):
             extra.unlink()
+    return None
 
 
 def finalize_ingest(
@@ -367,7 +389,13 @@ def finalize_ingest(
         "flags": dict(sorted(Counter(f for r in records for f in r["flags"]).items())),
         "quarantine_reasons": dict(sorted(Counter(q["reason"] for q in quarantine).items())),
     }
-    manifest_io.write_qc(summary, records, paths.out)
+    # qc.json and qc.html describe the data; what this run redid or reused is in the
+    # returned summary and the log only, so an interrupted and resumed ingest writes the
+    # same files as an uninterrupted one.
+    run_only = ("n_processed", "n_reused")
+    manifest_io.write_qc(
+        {k: v for k, v in summary.items() if k not in run_only}, records, paths.out
+    )
     log.info(
         "ingest: %d volumes (%d new, %d unchanged), %d files quarantined",
         summary["n_stacks"],

@@ -9,6 +9,7 @@ typed reason. Non-DICOM files, DICOMDIRs (never followed as paths) and non-image
 from __future__ import annotations
 
 import logging
+import math
 import os
 import struct
 from collections.abc import Iterator, Sequence
@@ -87,6 +88,7 @@ class Instance:
     instance_number: int | None
     burned_in: bool
     frames: tuple[Frame, ...] = field(default_factory=tuple)
+    header_end: int = -1  # offset where the header scan stopped: Pixel Data, if it met it
 
     @property
     def multiframe(self) -> bool:
@@ -124,8 +126,10 @@ class _Header:
             return self.ds.get(keyword, default)
         raw: bytes = elem.value
         if vr == "US":
-            if len(raw) < 2:
+            if not raw:
                 return default
+            if len(raw) != 2:  # every US read here has one value; pydicom refuses it too
+                raise ValueError(f"{keyword}: US value of {len(raw)} bytes")
             fmt = "<H" if elem.is_little_endian else ">H"
             return struct.unpack(fmt, raw[:2])[0]
         text = raw.decode("latin-1").strip("\x00 ")
@@ -174,27 +178,36 @@ def _valid_orientation(o: tuple[float, ...] | None) -> tuple[float, ...] | None:
     row, col = o[:3], o[3:]
     norms = (sum(v * v for v in row) ** 0.5, sum(v * v for v in col) ** 0.5)
     dot = sum(a * b for a, b in zip(row, col, strict=True))
-    if any(abs(n - 1) > 1e-2 for n in norms) or abs(dot) > 1e-2:
+    if not (all(abs(n - 1) <= 1e-2 for n in norms) and abs(dot) <= 1e-2):  # NaN fails too
         return None
     return o
 
 
 def _valid_spacing(s: tuple[float, ...] | None) -> tuple[float, ...] | None:
-    return s if s is not None and all(0 < v < 1e4 for v in s) else None
+    """From a tenth of a micrometre to ten metres (1e-300 would underflow the affine)."""
+    return s if s is not None and all(1e-4 <= v < 1e4 for v in s) else None
+
+
+def _valid_position(p: tuple[float, ...] | None) -> tuple[float, ...] | None:
+    """A point within a kilometre of the origin (NaN, infinity and 1e308 are damage)."""
+    return p if p is not None and all(abs(v) < 1e6 for v in p) else None
 
 
 def _frames(ds: Dataset, multiframe: bool) -> tuple[Frame, ...]:
     def scale(value: Any, default: float) -> float:
         try:
-            return float(value) if value not in (None, "") else default
+            out = float(value) if value not in (None, "") else default
         except (TypeError, ValueError):
             return default
+        if not math.isfinite(out):  # would fill the whole volume with NaN or infinity
+            raise ValueError("rescale slope or intercept is not a finite number")
+        return out
 
     if not multiframe:
         h = _Header(ds)
         return (
             Frame(
-                position=_floats(h.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+                position=_valid_position(_floats(h.get("ImagePositionPatient"), 3)),  # type: ignore[arg-type]
                 orientation=_valid_orientation(_floats(h.get("ImageOrientationPatient"), 6)),
                 spacing=_valid_spacing(_floats(h.get("PixelSpacing"), 2)),  # type: ignore[arg-type]
                 slope=scale(h.get("RescaleSlope"), 1.0),
@@ -209,8 +222,10 @@ def _frames(ds: Dataset, multiframe: bool) -> tuple[Frame, ...]:
         groups = [per_frame[i] if i < len(per_frame) else None, shared]
         frames.append(
             Frame(
-                position=_floats(  # type: ignore[arg-type]
-                    _group_value(groups, "PlanePositionSequence", "ImagePositionPatient"), 3
+                position=_valid_position(  # type: ignore[arg-type]
+                    _floats(
+                        _group_value(groups, "PlanePositionSequence", "ImagePositionPatient"), 3
+                    )
                 ),
                 orientation=_valid_orientation(
                     _floats(
@@ -248,18 +263,22 @@ def read_header(path: Path) -> Instance | Rejection:
         stat = path.stat()
         if stat.st_size == 0:
             return Rejection(path, "not_dicom", "empty file")
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        with path.open("rb") as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            header_end = f.tell()  # pydicom leaves the file at the Pixel Data tag
     except InvalidDicomError:
         return Rejection(path, "not_dicom", "no DICOM preamble and header")
     except Exception as e:  # pydicom raises many types on damaged files
         return Rejection(path, "unreadable", f"header cannot be parsed ({type(e).__name__})")
     try:
-        return _classify(path, stat, ds)
+        return _classify(path, stat, ds, header_end)
     except Exception as e:  # a value of the wrong VR or length surfaces only when read
         return Rejection(path, "unreadable", f"header value cannot be parsed ({type(e).__name__})")
 
 
-def _classify(path: Path, stat: os.stat_result, ds: Dataset) -> Instance | Rejection:
+def _classify(
+    path: Path, stat: os.stat_result, ds: Dataset, header_end: int = -1
+) -> Instance | Rejection:
     h = _Header(ds)
     if _is_dicomdir(ds):
         return Rejection(
@@ -275,6 +294,15 @@ def _classify(path: Path, stat: os.stat_result, ds: Dataset) -> Instance | Rejec
         if h.get(keyword) in (None, ""):
             series = str(h.get("SeriesInstanceUID", "") or "")
             return Rejection(path, "missing_tag", f"{keyword} is missing", series)
+    if sop_class in MULTIFRAME_SOP_CLASSES:
+        # Each frame's geometry is in its own functional group; a damaged count would
+        # also drive the loop over frames (NumberOfFrames 2**31 - 1 never ends).
+        n_frames = int(h.get("NumberOfFrames") or 1)
+        n_groups = len(ds.get("PerFrameFunctionalGroupsSequence") or [])
+        if n_frames != n_groups:
+            series = str(h.get("SeriesInstanceUID", "") or "")
+            detail = f"NumberOfFrames {n_frames} with {n_groups} per-frame functional groups"
+            return Rejection(path, "missing_geometry", detail, series)
     frames = _frames(ds, sop_class in MULTIFRAME_SOP_CLASSES)
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
@@ -297,12 +325,13 @@ def _classify(path: Path, stat: os.stat_result, ds: Dataset) -> Instance | Rejec
         bits_allocated=int(h.get("BitsAllocated")),
         bits_stored=int(h.get("BitsStored") or h.get("BitsAllocated")),
         pixel_representation=int(h.get("PixelRepresentation") or 0),
-        samples=int(h.get("SamplesPerPixel") or 1),
+        samples=int(samples) if (samples := h.get("SamplesPerPixel")) not in (None, "") else 1,
         photometric=str(h.get("PhotometricInterpretation", "MONOCHROME2")),
         transfer_syntax=ts,
         instance_number=int(instance_number) if instance_number not in (None, "") else None,
         burned_in=str(h.get("BurnedInAnnotation", "")).upper() == "YES",
         frames=frames,
+        header_end=header_end,
     )
 
 

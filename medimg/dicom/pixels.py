@@ -82,6 +82,8 @@ def _fast_native(inst: Instance, scratch: npt.NDArray | None = None) -> npt.NDAr
         implicit = head[4:8] == PIXEL_TAG  # tag, then a 4-byte length
         if not ((explicit or implicit) and struct.unpack("<I", head[8:12])[0] == n_even):
             return None  # trailing elements after Pixel Data, or an odd layout: use pydicom
+        if size - n_even - (12 if explicit else 8) != inst.header_end:
+            return None  # the header scan did not end at this tag (a damaged length): pydicom
         if scratch is not None and scratch.dtype == dtype and scratch.size == count:
             arr = scratch
             if f.readinto(arr.data.cast("B")) != n:
@@ -98,7 +100,10 @@ def _pydicom_frames(inst: Instance) -> npt.NDArray:
     try:
         ds = pydicom.dcmread(inst.path)
         arr = ds.pixel_array
-    except Exception as e:
+    except BaseException as e:
+        # A Rust decoder's panic on damaged data (pyo3's PanicException) is no Exception.
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise
         ts = UID(inst.transfer_syntax).name if inst.transfer_syntax else "unknown"
         reason = "unreadable" if isinstance(e, (EOFError, OSError)) else "pixel_decode"
         raise PixelDecodeError(
@@ -107,8 +112,12 @@ def _pydicom_frames(inst: Instance) -> npt.NDArray:
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = arr[None]
-    if arr.shape[1:] != (inst.rows, inst.columns):
-        raise PixelDecodeError(inst.path, "pixel_decode", f"pixel array shape {arr.shape}")
+    declared = len(inst.frames) if inst.multiframe else 1
+    if arr.shape[1:] != (inst.rows, inst.columns) or len(arr) != declared:
+        # pydicom may cut pixel data too long for a damaged Rows into extra frames
+        raise PixelDecodeError(
+            inst.path, "pixel_decode", f"pixel array shape {arr.shape}, {declared} frame(s)"
+        )
     return arr
 
 

@@ -140,7 +140,22 @@ def group_stacks(
             rejected.append(Rejection(inst.path, "localizer", "ImageType LOCALIZER"))
             continue
         if inst.samples != 1 or not inst.photometric.startswith("MONOCHROME"):
-            rejected.append(Rejection(inst.path, "unsupported_pixels", f"{inst.photometric} image"))
+            what = f"{inst.photometric} image, {inst.samples} samples per pixel"
+            rejected.append(Rejection(inst.path, "unsupported_pixels", what))
+            continue
+        if (
+            inst.bits_allocated not in (8, 16, 32)
+            or not 1 <= inst.bits_stored <= inst.bits_allocated
+            or inst.pixel_representation not in (0, 1)
+        ):  # a damaged header; these values size every buffer and range computed later
+            rejected.append(
+                Rejection(
+                    inst.path,
+                    "unsupported_pixels",
+                    f"BitsAllocated {inst.bits_allocated}, BitsStored {inst.bits_stored}, "
+                    f"PixelRepresentation {inst.pixel_representation}",
+                )
+            )
             continue
         missing = [
             name

@@ -14,12 +14,13 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medimg.dicom.deid import Pseudonymizer, load_or_create_salt
 from tests.conftest import Cohort, make_series
+from tests.fuzz_mutators import elements
 from tests.unit.test_ingest import run_ingest
 
 CT = Path(get_testdata_file("CT_small.dcm"))
@@ -88,6 +89,32 @@ def overwrite(path: Path, offset: int, data: bytes) -> None:
     raw = bytearray(path.read_bytes())
     raw[offset : offset + len(data)] = data
     path.write_bytes(bytes(raw))
+
+
+def new_series(ds: Dataset) -> None:
+    ds.SeriesInstanceUID = generate_uid()
+
+
+def rle_panic(ds: Dataset) -> None:
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[:64] + b"\x81" + frame[65:]])  # first segment byte
+
+
+def swallow_pixel_data(path: Path) -> None:
+    """The element before Pixel Data declares a length that runs to the end of the file."""
+    data = path.read_bytes()
+    *_, last, pixel = elements(data)
+    assert pixel.tag == 0x7FE00010 and last.length_size == 4
+    new = (len(data) - last.value_at).to_bytes(4, "little")
+    overwrite(path, last.length_at, new)
+
+
+def odd_length_us(path: Path, tag: int) -> None:
+    """A US value of three bytes, the file otherwise well-formed (explicit VR LE)."""
+    data = path.read_bytes()
+    (e,) = [e for e in elements(data) if e.tag == tag]
+    raw = data[: e.length_at] + b"\x03\x00" + data[e.value_at : e.value_at + 2] + b"\x00"
+    path.write_bytes(raw + data[e.value_at + e.length :])
 
 
 def build_corpus(root: Path) -> dict[str, set[str]]:
@@ -178,6 +205,37 @@ def build_corpus(root: Path) -> dict[str, set[str]]:
                                   "incomplete_series", "series_incomplete", "pixel_decode",
                                   "non_image", "no_stack", "missing_slices"}))  # fmt: skip
     overwrite(p[1], 140, bytes(b ^ 0xFF for b in p[1].read_bytes()[140:400]))
+    # found by the fuzz harness (test_ingest_fuzz.py): each once crashed or hung ingest, or
+    # let a damaged file into a volume
+    p = series(add("rle_decoder_panic", {"pixel_decode", "series_incomplete"}),
+               src=Path(get_testdata_file("MR_small_RLE.dcm")))  # fmt: skip
+    edit(p[1], rle_panic)  # pylibjpeg-rle panics: a BaseException, not an Exception
+    for name, kw, value in (("bits_stored_huge", "BitsStored", 4000),  # 1 << 4000 overflowed
+                            ("samples_zero", "SamplesPerPixel", 0)):  # fmt: skip
+        for path in series(add(name, {"unsupported_pixels"})):
+            edit(path, setval(kw, value))
+    nan_iop = [1, 0, 0, 0, 1, "nan"]  # passed the unit-vector check: NaN compares False
+    for name, kw, value in (("position_nan", "ImagePositionPatient", ["nan", "0", "5"]),
+                            ("orientation_nan", "ImageOrientationPatient", nan_iop)):  # fmt: skip
+        p = series(add(name, {"missing_geometry", "incomplete_series"}))
+        edit(p[1], setval(kw, value))
+    for path in series(add("spacing_underflow", {"missing_geometry"})):  # nibabel raised
+        edit(path, setval("PixelSpacing", ["1e-300", "1e-300"]))
+    p = series(add("rescale_infinite", {"unreadable", "incomplete_series"}))
+    edit(p[1], setval("RescaleSlope", "inf"))
+    enhanced = Path(get_testdata_file("eCT_Supplemental.dcm"))
+    for name, kw, value, reason in (
+        ("enhanced_frame_count_huge", "NumberOfFrames", 2**31 - 1, "missing_geometry"),  # hung
+        ("enhanced_rows_halved", "Rows", 256, "pixel_decode"),  # pydicom made 4 frames of 2
+    ):
+        add(name, {reason}).mkdir(parents=True)
+        copy = Path(shutil.copy(enhanced, root / name / "IM0"))
+        edit(copy, lambda ds, kw=kw, value=value: (setval(kw, value)(ds), new_series(ds)))
+    p = series(add("header_length_astray", {"pixel_decode", "series_incomplete"}),
+               src=Path(get_testdata_file("MR_small_implicit.dcm")))  # fmt: skip
+    swallow_pixel_data(p[1])  # the tail still looks like Pixel Data; the header says not
+    p = series(add("us_odd_length", {"unreadable", "incomplete_series"}))
+    odd_length_us(p[1], 0x00280100)  # BitsAllocated: the scan took its first two bytes
     add("symlink_outside", {"symlink"}).mkdir(parents=True)
     (root / "symlink_outside" / "link").symlink_to("/etc/hostname")
     return v
@@ -218,3 +276,24 @@ def test_damaged_corpus(tiny_cohort: Cohort, tmp_path: Path) -> None:
         assert seen, f"{name}: neither quarantined nor flagged"
         assert seen <= outcomes, f"{name}: got {seen}, expected some of {outcomes}"
     assert summary["n_stacks"] == len(m)
+
+
+def test_export_sets_aside_a_file_only_deidentification_cannot_read(tmp_path: Path) -> None:
+    """Found by fuzzing: a damaged value the header scan never reads (a US of three bytes)
+    made the de-identified DICOM export raise, and the whole ingest with it."""
+    raw = tmp_path / "raw"
+    p = series(raw / "bad")
+    edit(p[1], setval("AcquisitionMatrix", [0, 128, 128, 0]))
+    odd_length_us(p[1], 0x00181310)
+    series(raw / "good")
+    out = tmp_path / "out"
+    summary = run_ingest(raw, out, tmp_path / "salt", export_deid_dicom=True)
+    assert summary["n_stacks"] == 1
+    with (out / "quarantine.csv").open() as f:
+        rows = {(r["file"], r["reason"]) for r in csv.DictReader(f)}
+    assert rows == {
+        ("bad/IM1", "unreadable"),
+        ("bad/IM0", "series_incomplete"),
+        ("bad/IM2", "series_incomplete"),
+    }
+    assert len(list((out / "dicom").iterdir())) == len(list((out / "volumes").iterdir())) == 1
