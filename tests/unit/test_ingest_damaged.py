@@ -297,3 +297,17 @@ def test_export_sets_aside_a_file_only_deidentification_cannot_read(tmp_path: Pa
         ("bad/IM2", "series_incomplete"),
     }
     assert len(list((out / "dicom").iterdir())) == len(list((out / "volumes").iterdir())) == 1
+
+
+def test_pydicom_log_records_never_carry_element_values(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """pydicom logs the raw value of an element it cannot convert; medimg hides it."""
+    import logging
+
+    import medimg.dicom  # noqa: F401  (installs the filter)
+
+    with caplog.at_level(logging.DEBUG, logger="pydicom"):
+        logging.getLogger("pydicom").warning("Invalid value for VR PN: %r", "CNRYSECRET^NAME")
+    assert caplog.records, "the record itself is kept"
+    assert all("CNRYSECRET" not in r.getMessage() for r in caplog.records)
