@@ -10,6 +10,14 @@ same, bit for bit on CPU, as one never stopped.
 
 ``torchrun --nproc_per_node=N -m medimg.cli train ...`` runs DistributedDataParallel (NCCL
 on CUDA, gloo on CPU); rank 0 validates and writes.
+
+``train.<task>.spatial_dims: 2`` trains 2D models on the axial (S) slices of the same 3D
+volumes, and everything after training is unchanged: the segmenter learns on single-slice
+patches sampled like the 3D ones (lesion-centred : background) and predicts slice by slice
+(MONAI's ``SliceInferer``), stacked back to the volume's probability map; the classifier
+(:class:`~medimg.models.resnet.SliceResNet`) takes a whole volume as a bag of slices and
+pools its slice logits (top-k mean) into one logit per volume. :func:`predict` tells 2D
+from 3D by the model's convolutions, so its callers pass the same (N, 1, R, A, S) volumes.
 """
 
 from __future__ import annotations
@@ -133,6 +141,19 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else x
 
 
+def model_spatial_dims(model: nn.Module) -> int:
+    """2 or 3: the dimensionality of the model's first convolution."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return 2
+        if isinstance(module, nn.Conv3d):
+            return 3
+    raise ConfigError(f"{type(model).__name__} has no 2D or 3D convolution; not a medimg model")
+
+
+SLICE_BATCH = 64  # 2D segmentation: in-plane windows per forward pass
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -142,18 +163,33 @@ def predict(
     device: torch.device,
     amp: bool = False,
 ) -> torch.Tensor:
-    """Probability per volume (classify) or lesion probability map (segment, by sliding
-    windows of ``roi_size``). ``image`` is shaped (B, 1, R, A, S)."""
+    """Probability per volume (classify, (B,)) or lesion probability map (segment,
+    (B, R, A, S)) of volumes ``image`` shaped (B, 1, R, A, S), 2D and 3D models alike.
+
+    Segmentation slides windows of ``roi_size`` over the volume; a 2D model slides windows
+    of ``roi_size[:2]`` over each axial slice and the slices are stacked back. A 2D
+    classifier pools its slice logits itself (:class:`~medimg.models.resnet.SliceResNet`).
+    """
     model.eval()
     x = image.to(device)
     with torch.autocast(device.type, enabled=amp):
         if task == "classify":
             return torch.sigmoid(model(x).float().squeeze(1)).cpu()
-        from monai.inferers import sliding_window_inference
+        from monai.inferers import SliceInferer, sliding_window_inference
 
-        logits = sliding_window_inference(
-            x, roi_size=tuple(roi_size), sw_batch_size=4, predictor=model, overlap=0.25
-        )
+        if model_spatial_dims(model) == 2:
+            inferer = SliceInferer(
+                roi_size=tuple(roi_size)[:2],
+                spatial_dim=2,  # S: axial slices
+                sw_batch_size=SLICE_BATCH,
+                overlap=0.25,
+                progress=False,
+            )
+            logits = inferer(x, model)
+        else:
+            logits = sliding_window_inference(
+                x, roi_size=tuple(roi_size), sw_batch_size=4, predictor=model, overlap=0.25
+            )
         return torch.softmax(torch.as_tensor(logits).float(), dim=1)[:, 1].cpu()
 
 
@@ -180,8 +216,6 @@ class Trainer:
         self.processed = processed
         self.out_dir = out_dir
         self.config = resolved_config or {}
-        if self.cfg.spatial_dims != 3:
-            raise ConfigError(f"train.{task}.spatial_dims: only 3 is implemented so far")
         self.device = resolve_device(train_cfg.device)
         self.amp = train_cfg.amp and self.device.type == "cuda"
         self.rank, self.world = _distributed()
@@ -194,8 +228,9 @@ class Trainer:
 
         seg = self.task == "segment"
         train_items, val_items = _split_items(self.processed, self.train_cfg.fold, seg)
+        dims = self.cfg.spatial_dims
         self.train_transform = training_transforms(
-            self.task, self.augment, train=True, with_label=seg
+            self.task, self.augment, train=True, with_label=seg, spatial_dims=dims
         )
         ds = build_dataset(train_items, self.train_transform, self.loader_cfg)
         self.sampler: Any = None
@@ -215,7 +250,9 @@ class Trainer:
         )
         if self.rank > 0:  # only rank 0 validates
             return loader, []
-        val_transform = training_transforms(self.task, self.augment, train=False, with_label=seg)
+        val_transform = training_transforms(
+            self.task, self.augment, train=False, with_label=seg, spatial_dims=dims
+        )
         left = max(0.0, self.loader_cfg.cache_gib - cached_gib(ds))
         val_cfg = self.loader_cfg.model_copy(update={"cache_gib": left})
         return loader, build_dataset(val_items, val_transform, val_cfg)
@@ -494,6 +531,11 @@ def write_model_card(path: Path, task: str, trainer: Trainer, result: TrainResul
     val = table[table["split"] == fold]
     cfg = trainer.cfg
     metric = "AUROC" if task == "classify" else "mean Dice (volumes with a lesion)"
+    slices = (
+        ", on axial slices, slice logits pooled by a top-k mean"
+        if task == "classify"
+        else ", on axial slices, predicted slice by slice"
+    )
     what = (
         "Diagnosis: probability that a CT or MR volume shows a lesion (one logit)."
         if task == "classify"
@@ -506,6 +548,7 @@ def write_model_card(path: Path, task: str, trainer: Trainer, result: TrainResul
         "",
         f"**Architecture.** {cfg.arch} ({cfg.spatial_dims}D"
         + (", ResNet encoder in a MONAI FlexibleUNet" if task == "segment" else ", MONAI ResNet")
+        + (slices if cfg.spatial_dims == 2 else "")
         + f"), first-conv stride {cfg.conv1_stride}; initialised from `{cfg.pretrained}`.",
         "",
         "**Data.** Preprocessed volumes (see the `preprocess` section of the resolved config):"

@@ -30,6 +30,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Spacingd,
+    SqueezeDimd,
 )
 
 from medimg.config import AugmentParams, PreprocessParams
@@ -111,44 +112,67 @@ def preprocessing_transforms(modality: str, cfg: PreprocessParams, with_label: b
 
 
 def training_transforms(
-    task: str, aug: AugmentParams, train: bool, with_label: bool = True
+    task: str, aug: AugmentParams, train: bool, with_label: bool = True, spatial_dims: int = 3
 ) -> Compose:
     """Load preprocessed volumes; add random augmentation when ``train``.
 
     For segmentation in training, patches of ``aug.patch_size`` are sampled around lesions
     and background in the ratio ``aug.positive_ratio``.
+
+    ``spatial_dims=2`` (a 2D model on axial slices): segmentation samples
+    ``aug.patches_per_volume`` axial slices per volume, each an in-plane patch of
+    ``aug.patch_size[:2]`` centred on a lesion or background voxel in the same ratio, with
+    the slice axis squeezed: (1, R, A). Classification keeps whole volumes (a bag of slices,
+    see :class:`~medimg.models.resnet.SliceResNet`). Augmentation is in-plane only (flips of
+    R and A, rotation about S, zoom in R and A), so slices stay slices. Without ``train``
+    the volume is returned whole, as in 3D.
     """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     keys = [IMAGE, LABEL] if with_label else [IMAGE]
     chain: list[Any] = [
         LoadImaged(keys, reader="NibabelReader", image_only=True, ensure_channel_first=True),
         EnsureTyped(keys, dtype=torch.float32, track_meta=False),
     ]
-    if train:
-        if task == "segment":
-            chain.append(
-                RandCropByPosNegLabeld(
-                    keys,
-                    label_key=LABEL,
-                    spatial_size=aug.patch_size,
-                    pos=aug.positive_ratio,
-                    neg=1.0,
-                    num_samples=aug.patches_per_volume,
-                    allow_smaller=True,
-                )
-            )
-        chain += [RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3)]
-        rad = float(np.deg2rad(aug.rotate_deg))
-        modes = ["bilinear" if k == IMAGE else "nearest" for k in keys]
-        chain += [
-            RandAffined(
+    if not train:
+        return Compose(chain)
+    slices = spatial_dims == 2 and task == "segment"
+    if task == "segment":
+        patch = (*aug.patch_size[:2], 1) if slices else aug.patch_size
+        chain.append(
+            RandCropByPosNegLabeld(
                 keys,
-                prob=aug.affine_prob,
-                rotate_range=(rad, rad, rad),
-                scale_range=(aug.scale,) * 3,
-                mode=modes,
-                padding_mode="zeros",
-            ),
-            RandGaussianNoised(IMAGE, prob=aug.intensity_prob, std=aug.noise_std),
-            RandShiftIntensityd(IMAGE, offsets=aug.shift, prob=aug.intensity_prob),
-        ]
+                label_key=LABEL,
+                spatial_size=patch,
+                pos=aug.positive_ratio,
+                neg=1.0,
+                num_samples=aug.patches_per_volume,
+                allow_smaller=True,
+            )
+        )
+    if slices:
+        chain.append(SqueezeDimd(keys, dim=3))  # (1, R, A, 1) -> (1, R, A)
+    rad = float(np.deg2rad(aug.rotate_deg))
+    rotate: tuple[float, ...]  # radians about each axis (one angle in 2D)
+    scale: tuple[float, ...]  # relative zoom range per axis
+    if spatial_dims == 3:
+        axes, rotate, scale = 3, (rad, rad, rad), (aug.scale,) * 3
+    elif slices:
+        axes, rotate, scale = 2, (rad,), (aug.scale,) * 2
+    else:  # volumes for a 2D model: rotate about S, zoom in-plane, keep the slices
+        axes, rotate, scale = 2, (0.0, 0.0, rad), (aug.scale, aug.scale, 0.0)
+    chain += [RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(axes)]
+    modes = ["bilinear" if k == IMAGE else "nearest" for k in keys]
+    chain += [
+        RandAffined(
+            keys,
+            prob=aug.affine_prob,
+            rotate_range=rotate,
+            scale_range=scale,
+            mode=modes,
+            padding_mode="zeros",
+        ),
+        RandGaussianNoised(IMAGE, prob=aug.intensity_prob, std=aug.noise_std),
+        RandShiftIntensityd(IMAGE, offsets=aug.shift, prob=aug.intensity_prob),
+    ]
     return Compose(chain)

@@ -3,8 +3,9 @@
 Three source layouts are understood (:func:`detect_format`):
 
 * ``"torchvision"``: a 2D ResNet state dict (``conv1.weight`` of shape (64, 3, 7, 7),
-  ``fc.*``, BatchNorm running statistics). Conv weights are inflated to 3D (I3D) and the
-  RGB input channels are summed for our one-channel images (:func:`adapt`).
+  ``fc.*``, BatchNorm running statistics). For a 3D model conv weights are inflated to 3D
+  (I3D); a 2D model (``spatial_dims: 2``) takes them as they are. Either way the RGB input
+  channels are summed for our one-channel images (:func:`adapt`).
 * ``"medicalnet"``: a MedicalNet 3D ResNet (``{"state_dict": {"module.conv1.weight": ...}}``,
   5-D convs, no ``fc``).
 * ``"medimg"``: our own checkpoint, ``{"model": state_dict, "config": {...}}``. From the same
@@ -16,9 +17,15 @@ and prefix ``encoder.`` for the segmenter, whose backbone is FlexibleUNet's ResN
 :class:`LoadReport`) and fails when too little was, which catches a wrong file or a wrong
 architecture depth before hours of training on random weights.
 
-Note: with MONAI's defaults the classifier's ResNet-18/34 uses projection shortcuts
-(``layerN.0.downsample.*``) while the segmenter's encoder and MedicalNet's ResNet-18/34 use
-parameter-free ones, so those 18 tensors are reported missing in that pairing.
+Note on shortcuts (``layerN.0.downsample.*``): the 3D classifier and FlexibleUNet's
+ResNet-18/34 encoder (2D or 3D) use parameter-free ones, as MedicalNet does; the 2D
+classifier uses torchvision's projections (without bias), so an ImageNet ResNet loads into
+it completely. Where the layouts differ the 15 projection tensors go unused (torchvision
+into a segmenter) or stay missing: a 2D segmenter's encoder gives a 2D ResNet-18 classifier
+85 of its 100 backbone tensors, below the default ``min_loaded_fraction`` of 0.9.
+
+3D weights (MedicalNet, a 3D medimg checkpoint) do not fit a 2D model: they are refused
+with a message that says so.
 """
 
 from __future__ import annotations
@@ -304,6 +311,15 @@ def _counted(name: str) -> bool:
     return not name.endswith(_COUNTER)
 
 
+def _three_into_two(mapped: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> bool:
+    """Whether the source's convolutions are 3D where the model's are 2D."""
+    return any(
+        v.dim() == 5 and own[k].dim() == 4
+        for k, v in mapped.items()
+        if k.endswith("conv1.weight") and k in own
+    )
+
+
 def load_pretrained(
     model: nn.Module, source: str | Path, target: Target, min_fraction: float = 0.9
 ) -> LoadReport:
@@ -362,6 +378,13 @@ def load_pretrained(
 
     if report.fraction < min_fraction:
         examples = (report.missing + report.skipped_shape)[:3]
+        if _three_into_two(mapped, own):
+            raise ConfigError(
+                f"{label}: holds 3D weights (5-D convolutions, {fmt} format) and the "
+                f"{target} is 2D (train.<task>.spatial_dims: 2); 3D kernels are not cut down "
+                "to 2D. Start a 2D model from a torchvision 2D state dict or a 2D medimg "
+                "checkpoint, or set spatial_dims: 3."
+            )
         raise ConfigError(
             f"{label}: only {len(report.loaded)}/{report.n_model_backbone} backbone tensors "
             f"of the {target} loaded ({report.fraction:.1%} < min {min_fraction:.0%}): "

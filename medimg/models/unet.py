@@ -11,7 +11,11 @@ DIVISOR = 32  # input sizes must be multiples of this (five down-samplings)
 
 
 def build_segmenter(cfg: TaskTrainParams, in_channels: int = 1) -> nn.Module:
-    """FlexibleUNet with a ResNet backbone and two output channels (background, lesion)."""
+    """FlexibleUNet with a ResNet backbone and two output channels (background, lesion).
+
+    ``cfg.spatial_dims: 2`` gives a 2D U-Net for axial slices, (B, 1, H, W) -> (B, 2, H, W);
+    :func:`medimg.train.predict` runs it slice by slice over a volume.
+    """
     from monai.networks.nets import FlexibleUNet
 
     return FlexibleUNet(
