@@ -37,6 +37,18 @@ def atomic_path(target: Path, suffix: str = ".tmp") -> Iterator[Path]:
         raise
 
 
+def remove_temporaries(folder: Path, name: str = "*") -> list[Path]:
+    """Delete the temporary files that :func:`atomic_path` leaves when its process is
+    killed (``.<name>.<random><suffix>``); ``name`` narrows it to one target's. Returns
+    what was deleted."""
+    gone = []
+    for tmp in Path(folder).glob(f".{name}.*.tmp*"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp)
+    return gone
+
+
 def atomic_write_bytes(target: Path, data: bytes) -> None:
     """Write ``data`` to ``target`` atomically."""
     with atomic_path(target) as tmp:

@@ -42,7 +42,7 @@ from torch import nn
 from medimg.config import AugmentParams, LoaderParams, TaskTrainParams, TrainParams
 from medimg.data.datasets import build_dataset, build_loader, cached_gib, items
 from medimg.errors import ConfigError, DataError
-from medimg.io import atomic_path, atomic_write_text
+from medimg.io import atomic_path, atomic_write_text, remove_temporaries
 from medimg.models.pretrained import Target
 
 log = logging.getLogger(__name__)
@@ -494,6 +494,10 @@ def train(
     """Train one task; write ``out_dir/model.pt`` (best weights), ``checkpoint.pt``,
     ``config.json`` and, when given, ``metrics_file`` (history and best epoch)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    # a run killed while writing leaves its temporary files: a rerun starts without them
+    remove_temporaries(out_dir)
+    if metrics_file is not None and metrics_file.parent.is_dir():
+        remove_temporaries(metrics_file.parent, metrics_file.name)
     trainer = Trainer(task, train_cfg, augment, loader, processed, out_dir, resolved_config)
     try:
         result = trainer.run(callbacks, resume=resume)
