@@ -1,0 +1,141 @@
+"""Memory bounds: peak RSS of ingesting one huge series, and of training past the cache.
+
+1. Ingest: the generator writes one CT series of about ``--gb`` GiB of pixel data (1024 x
+   1024 pixels per slice), then ``medimg ingest`` runs on it in a child process, side by
+   side with the same command on a tiny series (what the imports alone take). Prints the
+   series size, both peak RSS values, and the peak above the baseline as a multiple of the
+   series size: the memory bound to plan for.
+2. Training: ``medimg train --task classify`` for one epoch on a cohort, once with a cache
+   budget (``loader.cache_gib``) far below the cohort's preprocessed size and once with
+   room for all of it. Prints the cohort's size, the items cached, and both peak RSS
+   values: with the small budget the peak stays near the budget, not the cohort.
+
+Run: ``python bench/memory.py [--gb G] [--patients N]`` (about 5 min with the defaults on 2
+CPU cores; needs about 3 x G GiB of free disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from cohort import BIN, scratch_params
+
+from medimg import stages
+from medimg.config import LoaderParams, Params, SynthParams, TaskTrainParams, TrackingParams
+
+GIB = 2**30
+
+
+def peak_rss_of(args: list[str]) -> tuple[float, float]:
+    """(peak RSS in GiB, seconds) of a child process running ``args``."""
+    t0 = time.perf_counter()
+    code = (
+        "import resource, subprocess, sys; "
+        "done = subprocess.run(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+        "sys.exit(done.returncode)"
+    )
+    # a fresh interpreter per measurement: RUSAGE_CHILDREN is the peak of all its children
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        sys.exit(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    kib = int(done.stdout.strip().splitlines()[-1])
+    return kib * 1024 / GIB, time.perf_counter() - t0
+
+
+def write_params(path: Path, params: Params) -> Path:
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def one_series(root: Path, matrix: int, n_slices: int) -> tuple[Path, float]:
+    """A cohort of one axial CT series; returns its params file and pixel GiB."""
+    params = scratch_params(root, 1)
+    synth = SynthParams(
+        n_patients=1,
+        studies_per_patient=(1, 1),
+        series_per_study=(1, 1),
+        mr_fraction=0.0,
+        positive_fraction=1.0,
+        lesions_per_positive=(1, 1),
+        matrix=matrix,
+        n_slices=n_slices,
+        slice_spacing_mm=(0.5, 0.5),
+        fov_mm=(350.0, 350.0),
+        orientations=("axial",),
+        shuffle_instance_fraction=0.0,
+    )
+    params = params.model_copy(update={"synth": synth})
+    stages.synth(params)
+    return write_params(root / "params.yaml", params), matrix * matrix * 2 * n_slices / GIB
+
+
+def ingest_bound(gb: float) -> None:
+    with tempfile.TemporaryDirectory(prefix="medimg-mem-") as tmp:
+        n_slices = max(2, min(2048, round(gb * GIB / (1024 * 1024 * 2))))
+        small, _ = one_series(Path(tmp) / "small", 64, 16)
+        t0 = time.perf_counter()
+        big, size = one_series(Path(tmp) / "big", 1024, n_slices)
+        on_disk = sum(p.stat().st_size for p in (Path(tmp) / "big/raw").rglob("*")) / GIB
+        print(
+            f"series: {n_slices} slices of 1024 x 1024, {size:.2f} GiB of pixels "
+            f"({on_disk:.2f} GiB of files, written in {time.perf_counter() - t0:.0f} s)"
+        )
+        medimg = str(BIN / "medimg")
+        base, _ = peak_rss_of([medimg, "ingest", "--params", str(small)])
+        peak, seconds = peak_rss_of([medimg, "ingest", "--params", str(big)])
+        print(f"ingest peak RSS: {peak:.2f} GiB ({seconds:.0f} s); tiny series: {base:.2f} GiB")
+        print(
+            f"peak above the imports: {(peak - base) / size:.2f} x the series' pixel data "
+            f"(bound to plan for: ingest needs about that much RAM per series being written, "
+            f"times ingest.workers)"
+        )
+
+
+def training_bound(patients: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="medimg-mem-") as tmp:
+        root = Path(tmp)
+        params = scratch_params(root, patients)
+        params = params.model_copy(update={"tracking": TrackingParams(enabled=False)})
+        stages.synth(params)
+        stages.ingest(params)
+        stages.preprocess(params)
+        processed = (
+            sum(p.stat().st_size for p in (root / "processed").rglob("*") if p.is_file()) / GIB
+        )
+        print(f"cohort: {patients} patients, {processed:.3f} GiB preprocessed (compressed)")
+        task = TaskTrainParams(arch="resnet10", epochs=1, batch_size=4, pretrained="none")
+        medimg = str(BIN / "medimg")
+        for gib in (0.01, 4.0):
+            run = params.model_copy(
+                update={
+                    "loader": LoaderParams(cache_gib=gib),
+                    "train": params.train.model_copy(update={"classify": task}),
+                }
+            )
+            path = write_params(root / f"params-{gib}.yaml", run)
+            peak, seconds = peak_rss_of(
+                [medimg, "train", "--task", "classify", "--params", str(path)]
+            )
+            print(f"train, cache budget {gib:5.2f} GiB: peak RSS {peak:.2f} GiB ({seconds:.0f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=2.0, help="GiB of pixel data in the series")
+    parser.add_argument("--patients", type=int, default=40, help="training cohort size")
+    args = parser.parse_args()
+    ingest_bound(args.gb)
+    training_bound(args.patients)
+
+
+if __name__ == "__main__":
+    main()
