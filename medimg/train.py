@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -371,6 +372,7 @@ class Trainer:
             scheduler.load_state_dict(ckpt["scheduler"])
             scaler.load_state_dict(ckpt["scaler"])
             state = {k: ckpt[k] for k in state}
+            state["history"] = [{**h, "seconds": math.nan} for h in state["history"]]
             log.info("resumed %s training after epoch %d", self.task, state["epoch"])
         stopped_early = False
         for epoch in range(state["epoch"] + 1, self.cfg.epochs + 1):
@@ -461,8 +463,7 @@ class Trainer:
             "config": json.dumps(self.config, sort_keys=True, default=str),
             "task": self.task,
         }
-        with atomic_path(self.out_dir / name, suffix=".tmp.pt") as tmp:
-            torch.save(payload, tmp)
+        _save(payload, self.out_dir / name)
 
     def _checkpoint(
         self, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, state: dict[str, Any]
@@ -474,9 +475,32 @@ class Trainer:
             "scaler": scaler.state_dict(),
             "rng_torch": torch.get_rng_state(),
             **state,
+            # wall-clock seconds vary run to run: out of the checkpoint, which an
+            # interrupted and resumed run must write byte for byte as an uninterrupted one
+            "history": [{k: v for k, v in h.items() if k != "seconds"} for h in state["history"]],
         }
-        with atomic_path(self.out_dir / "checkpoint.pt", suffix=".tmp.pt") as tmp:
-            torch.save(payload, tmp)
+        _save(payload, self.out_dir / "checkpoint.pt")
+
+
+def _canonical(obj: Any) -> Any:
+    """``obj`` with every string interned: pickle writes a string once per object, so
+    equal strings must be one object (a resumed run's are partly unpickled copies)."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return {_canonical(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_canonical(v) for v in obj)
+    return obj
+
+
+def _save(payload: dict[str, Any], target: Path) -> None:
+    """``torch.save`` atomically, byte for byte the same for the same content (a resumed
+    run writes what an uninterrupted one does): through a file object, since with a path
+    torch names the archive's root folder after the file, here a random temporary name;
+    and with canonical strings (:func:`_canonical`)."""
+    with atomic_path(target, suffix=".tmp.pt") as tmp, open(tmp, "wb") as f:
+        torch.save(_canonical(payload), f)
 
 
 def train(
