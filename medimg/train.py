@@ -75,6 +75,7 @@ class TrainResult:
     epochs_run: int
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False
+    initialisation: str = "pretrained: none (random initialisation)"  # the load report
 
 
 def resolve_device(name: str) -> torch.device:
@@ -360,6 +361,7 @@ class Trainer:
         state: dict[str, Any] = {
             "epoch": 0,
             "best_metric": -math.inf,
+            "best_loss": math.inf,
             "best_epoch": 0,
             "bad_epochs": 0,
             "history": [],
@@ -371,7 +373,7 @@ class Trainer:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             scaler.load_state_dict(ckpt["scaler"])
-            state = {k: ckpt[k] for k in state}
+            state = {k: ckpt.get(k, v) for k, v in state.items()}
             state["history"] = [{**h, "seconds": math.nan} for h in state["history"]]
             log.info("resumed %s training after epoch %d", self.task, state["epoch"])
         stopped_early = False
@@ -407,9 +409,14 @@ class Trainer:
                 val_loss, val_metric = self.validate(model, val_data, None, loss_fn)
             # a validation fold with one class has no AUROC: fall back to its loss
             score = val_metric if math.isfinite(val_metric) else -val_loss
-            best = self.rank == 0 and score > state["best_metric"]
+            # an AUROC or Dice tie (a small validation fold often reaches 1.0 early) goes
+            # to the lower validation loss: the better calibrated of equally ranking models
+            best = self.rank == 0 and (
+                score > state["best_metric"]
+                or (score == state["best_metric"] and val_loss < state["best_loss"])
+            )
             if best:
-                state.update(best_metric=score, best_epoch=epoch, bad_epochs=0)
+                state.update(best_metric=score, best_loss=val_loss, best_epoch=epoch, bad_epochs=0)
                 self._save_weights(model, "model.pt", report)
             else:
                 state["bad_epochs"] += 1
@@ -455,6 +462,7 @@ class Trainer:
             epochs_run=int(state["epoch"]),
             history=list(state["history"]),
             stopped_early=stopped_early,
+            initialisation=report.summary() if report is not None else TrainResult.initialisation,
         )
 
     def _save_weights(self, model: nn.Module, name: str, report: Any) -> None:
@@ -577,7 +585,8 @@ def write_model_card(path: Path, task: str, trainer: Trainer, result: TrainResul
         f"**Architecture.** {cfg.arch} ({cfg.spatial_dims}D"
         + (", ResNet encoder in a MONAI FlexibleUNet" if task == "segment" else ", MONAI ResNet")
         + (slices if cfg.spatial_dims == 2 else "")
-        + f"), first-conv stride {cfg.conv1_stride}; initialised from `{cfg.pretrained}`.",
+        + f"), first-conv stride {cfg.conv1_stride}; initialised from `{cfg.pretrained}`"
+        + f" ({result.initialisation}).",
         "",
         "**Data.** Preprocessed volumes (see the `preprocess` section of the resolved config):"
         f" {len(train)} training volumes of {train['patient'].nunique()} patients,"

@@ -172,3 +172,22 @@ def test_trained_segmenter_encoder_initialises_the_classifier(
     )
     result = stages.train(params, "classify")
     assert result.epochs_run == 2
+    # the run keeps its load report: in the result and in the model card
+    assert "loaded 85/85 backbone tensors (100.0%)" in result.initialisation
+    card = (tmp_path / "warm" / "models" / "classify" / "model_card.md").read_text()
+    assert result.initialisation in card
+
+
+def test_a_metric_tie_goes_to_the_lower_validation_loss(
+    tiny_processed: Processed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small validation fold often reaches AUROC 1.0 early; among epochs that tie, the
+    best weights are those of the lowest validation loss, not the first."""
+    from medimg import stages
+    from medimg.train import Trainer
+
+    scripted = iter([(0.9, 1.0), (0.5, 1.0), (0.7, 1.0), (0.4, 0.8)])  # (loss, AUROC)
+    monkeypatch.setattr(Trainer, "validate", lambda self, *a: next(scripted))
+    result = stages.train(_params(tiny_processed, tmp_path, epochs=4), "classify")
+    assert (result.best_epoch, result.best_metric) == (2, 1.0)
+    assert [h["best"] for h in result.history] == [True, True, False, False]
