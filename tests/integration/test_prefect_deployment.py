@@ -126,7 +126,13 @@ def test_served_pipeline_deployment_runs_to_completion(
         env = {**project.env, "PREFECT_API_URL": api}
         serve = [sys.executable, "-m", "pipelines.deployments", "--root", str(root)]
         serve += ["--params", str(root / "params.yaml")]
-        with _process(serve, tmp_path / "serve.log", env=env, cwd=root):
+        # this server, also when the session's test harness (another server) is active
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with (
+            _process(serve, tmp_path / "serve.log", env=env, cwd=root),
+            temporary_settings(updates={PREFECT_API_URL: api}),
+        ):
             deployment, run, artifacts = asyncio.run(
                 _wait_for_run("pipeline/nightly-retrain", timeout=600)
             )
