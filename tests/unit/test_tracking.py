@@ -19,6 +19,15 @@ from medimg.errors import ConfigError
 from tests.conftest import tool_path
 
 
+@pytest.fixture(autouse=True)
+def _no_store_from_earlier_tests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test picks its store from its own params: configure() in an earlier test of
+    the session exports MLFLOW_TRACKING_URI (as MLflow does) with its marker; both are
+    cleared here and restored after the test."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MEDIMG_MLFLOW_URI", raising=False)
+
+
 def _params(tmp_path: Path, **gate: object) -> Params:
     return Params(
         tracking=TrackingParams(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", retry_wait_s=0.1),
