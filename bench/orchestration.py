@@ -33,7 +33,7 @@ from cohort import BIN, PROJECT_ENV, run, scratch_project
 FLOW = "from pipelines.pipeline import pipeline_flow; pipeline_flow(root='.')"
 
 
-def task_overhead(n: int, repeats: int) -> None:
+def task_overhead(n: int, repeats: int, settle: float = 5.0) -> None:
     from prefect import flow, task
     from prefect.cache_policies import NONE
 
@@ -57,9 +57,13 @@ def task_overhead(n: int, repeats: int) -> None:
     )
     with_tasks, plain = [], []
     for _ in range(repeats):  # alternate, so that load changes hit both alike
+        # The server records a flow's task events after the flow returns: let it catch up
+        # first, or that work lands in the next flow's clock.
+        time.sleep(settle)
         t0 = time.perf_counter()
         called(n)
         plain.append(time.perf_counter() - t0)
+        time.sleep(settle)
         t0 = time.perf_counter()
         mapped(n)
         with_tasks.append(time.perf_counter() - t0)
