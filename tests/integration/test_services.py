@@ -81,20 +81,17 @@ def _listening(pid: int) -> set[tuple[str, int]]:
     return found
 
 
-def test_mlflow_ui_listens_on_loopback_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("command", "health"),
+    [("ui", "/health"), ("prefect-server", "/api/health")],
+    ids=["mlflow-ui", "prefect-server"],
+)
+def test_server_listens_on_loopback_only(tmp_path: Path, command: str, health: str) -> None:
+    # the MLflow UI reads the project's store from params.yaml in its working folder
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(Params().model_dump(mode="json")))
     port = _free_port()
-    args = [tool_path("medimg"), "ui", "--port", str(port)]
-    with _server(args, tmp_path, f"http://127.0.0.1:{port}/health") as proc:
-        sockets = _listening(proc.pid)
-    assert ("127.0.0.1", port) in sockets, sockets
-    assert {ip for ip, _ in sockets} == {"127.0.0.1"}, sockets
-
-
-def test_prefect_server_listens_on_loopback_only(tmp_path: Path) -> None:
-    port = _free_port()
-    args = [tool_path("medimg"), "prefect-server", "--port", str(port)]
-    with _server(args, tmp_path, f"http://127.0.0.1:{port}/api/health") as proc:
+    args = [tool_path("medimg"), command, "--port", str(port)]
+    with _server(args, tmp_path, f"http://127.0.0.1:{port}{health}") as proc:
         sockets = _listening(proc.pid)
     assert ("127.0.0.1", port) in sockets, sockets
     assert {ip for ip, _ in sockets} == {"127.0.0.1"}, sockets
