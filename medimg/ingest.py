@@ -289,30 +289,36 @@ def ingest_stack(job: Job, cfg: IngestParams, paths: IngestPaths, threads: int =
         flags.append(RESAMPLED)
     ext = ".nii.gz" if cfg.compress else ".nii"
     vol_rel = f"volumes/{job.key}{ext}"
-    mask_rel = None
-    lesion_voxels = None
-    if job.mask is not None:
-        mask = align_mask(nib.load(job.mask), volume.shape, affine)  # type: ignore[arg-type]
-        if mask is None:
-            flags.append("mask_mismatch")
-        else:
-            mask_rel = f"masks/{job.key}{ext}"
-            lesion_voxels = int(mask.sum())
-            save_nifti(mask, affine, paths.out / mask_rel, level=cfg.compression_level)
     with ThreadPoolExecutor(1) as pool:  # hash while writing: both release the GIL
         digest = pool.submit(content_hash, volume, affine)
         save_nifti(volume, affine, paths.out / vol_rel, cfg.compression_level, threads)
         volume_hash = digest.result()
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     p01, p99 = np.percentile(volume[::8, ::8, ::2], [1, 99])  # a sample is enough
+    shape, dtype = volume.shape, volume.dtype
+    # the mask after the voxels are written and let go: the series and the mask (read, then
+    # on the volume grid) are never in memory together, which bounds ingest's peak for a
+    # huge series near one series' worth (bench/memory.py)
+    del volume, pixels
+    mask_rel = None
+    lesion_voxels = None
+    if job.mask is not None:
+        mask = align_mask(nib.load(job.mask), shape, affine)  # type: ignore[arg-type]
+        if mask is None:
+            flags.append("mask_mismatch")
+        else:
+            mask_rel = f"masks/{job.key}{ext}"
+            lesion_voxels = int(np.count_nonzero(mask))
+            save_nifti(mask, affine, paths.out / mask_rel, level=cfg.compression_level)
+        del mask
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     record = {
         "key": job.key,
         **job.meta,
         "plane": _plane(stack.normal),
         "orientation": "".join(nib.aff2axcodes(affine)),
-        "shape": [int(v) for v in volume.shape],
+        "shape": [int(v) for v in shape],
         "spacing": [round(float(v), 5) for v in spacing],
-        "dtype": str(volume.dtype),
+        "dtype": str(dtype),
         "n_slices": len(stack.slices),
         "flags": sorted(set(flags)),
         "status": "flagged" if stack.irregular else "ok",
