@@ -24,10 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
+import pydicom
 import yaml
 from cohort import BIN, scratch_params
+from pydicom.uid import generate_uid
 
 from medimg import stages
 from medimg.config import LoaderParams, Params, SynthParams, TaskTrainParams, TrackingParams
@@ -84,20 +87,59 @@ def one_series(root: Path, matrix: int, n_slices: int, spacing: float) -> tuple[
     return write_params(root / "params.yaml", params), matrix * matrix * 2 * n_slices / GIB
 
 
+def grow_series(root: Path, n_slices: int) -> None:
+    """Make the one series under ``root`` ``n_slices`` long: its slices are repeated along
+    the slice normal (new positions, instance numbers and SOP UIDs; pixels reused), and its
+    mask is tiled to match. The generator draws a whole series in memory, so it cannot
+    write a 2 GiB one on a small machine; this writes one file at a time."""
+    files = sorted(p for p in (root / "raw").rglob("*") if p.is_file())
+    (mask_path,) = (root / "masks").glob("*.nii.gz")
+    mask = nib.load(mask_path)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ mask.affine  # the mask's grid in LPS
+    origin, step = lps[:3, 3], lps[:3, 2]
+    slices = {}
+    for path in files:  # slice index along the mask's third axis -> its file's dataset
+        ds = pydicom.dcmread(path)
+        offset = np.asarray(ds.ImagePositionPatient, dtype=float) - origin
+        slices[round(float(offset @ step / (step @ step)))] = ds
+        path.unlink()
+    assert sorted(slices) == list(range(len(files))), "slices not on the mask's grid"
+    folder = files[0].parent
+    for k in range(n_slices):
+        ds = slices[k % len(files)]
+        ds.ImagePositionPatient = [round(float(v), 4) for v in origin + k * step]
+        ds.InstanceNumber = k + 1
+        uid = generate_uid(entropy_srcs=[str(ds.SeriesInstanceUID), str(k)])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+        if "SliceLocation" in ds:
+            del ds.SliceLocation
+        ds.save_as(folder / f"IM{k:05d}", enforce_file_format=True)
+    reps = -(-n_slices // len(files))
+    data = np.tile(np.asarray(mask.dataobj, dtype=np.uint8), (1, 1, reps))[..., :n_slices]
+    img = nib.Nifti1Image(data, mask.affine)
+    img.set_qform(mask.affine, code=1)
+    img.set_sform(mask.affine, code=1)
+    nib.save(img, mask_path)
+
+
 def ingest_bound(gb: float) -> None:
     with tempfile.TemporaryDirectory(prefix="medimg-mem-") as tmp:
-        n_slices = max(2, min(2048, round(gb * GIB / (1024 * 1024 * 2))))
+        n_slices = max(32, min(4096, round(gb * GIB / (1024 * 1024 * 2))))
         small, _ = one_series(Path(tmp) / "small", 64, 16, 4.0)
         t0 = time.perf_counter()
-        big, size = one_series(Path(tmp) / "big", 1024, n_slices, 0.5)
+        big, _ = one_series(Path(tmp) / "big", 1024, 32, 1.0)
+        grow_series(Path(tmp) / "big", n_slices)
+        size = 1024 * 1024 * 2 * n_slices / GIB
         on_disk = sum(p.stat().st_size for p in (Path(tmp) / "big/raw").rglob("*")) / GIB
         print(
-            f"series: {n_slices} slices of 1024 x 1024, {size:.2f} GiB of pixels "
+            f"series: {n_slices} slices of 1024 x 1024, {size:.2f} GiB of pixels and a mask "
             f"({on_disk:.2f} GiB of files, written in {time.perf_counter() - t0:.0f} s)"
         )
         medimg = str(BIN / "medimg")
         base, _ = peak_rss_of([medimg, "ingest", "--params", str(small)])
         peak, seconds = peak_rss_of([medimg, "ingest", "--params", str(big)])
+        (row,) = pd.read_parquet(Path(tmp) / "big/interim/manifest.parquet").to_dict("records")
+        assert row["shape"][2] == n_slices and isinstance(row["mask"], str), row
         print(f"ingest peak RSS: {peak:.2f} GiB ({seconds:.0f} s); tiny series: {base:.2f} GiB")
         print(
             f"peak above the imports: {(peak - base) / size:.2f} x the series' pixel data "
@@ -154,7 +196,7 @@ def training_bound(patients: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.0, help="GiB of pixel data in the series")
-    parser.add_argument("--patients", type=int, default=60, help="training cohort size")
+    parser.add_argument("--patients", type=int, default=100, help="training cohort size")
     args = parser.parse_args()
     ingest_bound(args.gb)
     training_bound(args.patients)

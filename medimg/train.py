@@ -336,7 +336,7 @@ class Trainer:
             report = load_pretrained(
                 model, self.cfg.pretrained, target, self.cfg.min_loaded_fraction
             )
-        from medimg.models.pretrained import freeze_encoder, param_groups
+        from medimg.models.pretrained import param_groups
 
         groups = param_groups(model, target, self.cfg.lr, self.cfg.head_lr_mult)
         # Not fused=True: on 2 CPU cores the fused kernel took ~0.015 s a step against
@@ -377,6 +377,57 @@ class Trainer:
             state["history"] = [{**h, "seconds": math.nan} for h in state["history"]]
             log.info("resumed %s training after epoch %d", self.task, state["epoch"])
         stopped_early = False
+        self.writer = _BackgroundWriter()
+        try:
+            stopped_early = self._epochs(
+                net,
+                model,
+                loader,
+                val_data,
+                loss_fn,
+                optimizer,
+                scheduler,
+                scaler,
+                state,
+                report,
+                target,
+                callbacks,
+            )
+        finally:
+            self.writer.close()  # every checkpoint on disk (or its error raised) on return
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return TrainResult(
+            task=self.task,
+            best_epoch=int(state["best_epoch"]),
+            best_metric=float(state["best_metric"]),
+            epochs_run=int(state["epoch"]),
+            history=list(state["history"]),
+            stopped_early=stopped_early,
+            initialisation=report.summary() if report is not None else TrainResult.initialisation,
+        )
+
+    def _epochs(
+        self,
+        net: nn.Module,
+        model: nn.Module,
+        loader: Any,
+        val_data: Any,
+        loss_fn: nn.Module,
+        optimizer: Any,
+        scheduler: Any,
+        scaler: Any,
+        state: dict[str, Any],
+        report: Any,
+        target: Target,
+        callbacks: Sequence[Callback],
+    ) -> bool:
+        """Train from the epoch after ``state["epoch"]``; True when stopped early."""
+        from medimg.models.pretrained import freeze_encoder
+
+        stopped_early = False
         for epoch in range(state["epoch"] + 1, self.cfg.epochs + 1):
             if state["bad_epochs"] >= self.cfg.patience:
                 stopped_early = True
@@ -415,6 +466,8 @@ class Trainer:
                 score > state["best_metric"]
                 or (score == state["best_metric"] and val_loss < state["best_loss"])
             )
+            if self.rank == 0:  # last epoch's files are written before this epoch's
+                self.writer.drain()
             if best:
                 state.update(best_metric=score, best_loss=val_loss, best_epoch=epoch, bad_epochs=0)
                 self._save_weights(model, "model.pt", report)
@@ -451,19 +504,7 @@ class Trainer:
                 val_metric,
                 " (best)" if best else "",
             )
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-        return TrainResult(
-            task=self.task,
-            best_epoch=int(state["best_epoch"]),
-            best_metric=float(state["best_metric"]),
-            epochs_run=int(state["epoch"]),
-            history=list(state["history"]),
-            stopped_early=stopped_early,
-            initialisation=report.summary() if report is not None else TrainResult.initialisation,
-        )
+        return stopped_early
 
     def _save_weights(self, model: nn.Module, name: str, report: Any) -> None:
         payload = {
@@ -471,7 +512,7 @@ class Trainer:
             "config": json.dumps(self.config, sort_keys=True, default=str),
             "task": self.task,
         }
-        _save(payload, self.out_dir / name)
+        self.writer.save(payload, self.out_dir / name)
 
     def _checkpoint(
         self, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, state: dict[str, Any]
@@ -487,7 +528,51 @@ class Trainer:
             # interrupted and resumed run must write byte for byte as an uninterrupted one
             "history": [{k: v for k, v in h.items() if k != "seconds"} for h in state["history"]],
         }
-        _save(payload, self.out_dir / "checkpoint.pt")
+        self.writer.save(payload, self.out_dir / "checkpoint.pt")
+
+
+class _BackgroundWriter:
+    """Writes checkpoints and best weights on one thread while the next epoch trains.
+
+    :meth:`save` takes a snapshot (every tensor copied to the CPU) at once, so training may
+    go on changing the weights and optimiser state; the files are written in order, each
+    atomically (:func:`_save`). :meth:`drain` waits for what is queued and raises its error
+    (a full disk fails the run at the next epoch's end, not silently); :meth:`close` drains
+    and stops the thread. A run killed mid-write leaves the previous file whole and a
+    temporary file that the next run removes. Measured on 2 CPU cores (bench/train.py), the
+    writes of a 3D ResNet-18 classifier (a 378 MB checkpoint, 0.3-1.0 s) overlap training.
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="medimg-checkpoint")
+        self._pending: list[Future[None]] = []
+
+    def save(self, payload: dict[str, Any], target: Path) -> None:
+        self._pending.append(self._pool.submit(_save, _snapshot(payload), target))
+
+    def drain(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _snapshot(obj: Any) -> Any:
+    """``obj`` with every tensor copied to the CPU (state dicts share live storage)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
 
 
 def _canonical(obj: Any) -> Any:
