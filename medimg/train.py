@@ -87,6 +87,38 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks up to 32 MiB come from the heap
+TRIM_THRESHOLD = 512 << 20  # freed heap memory kept for reuse before it goes to the OS
+
+
+def tune_allocator() -> bool:
+    """Let glibc's malloc reuse freed memory across training steps; True when it did.
+
+    Each step frees and reallocates the same activations and gradients. By default glibc
+    serves blocks above 128 KiB (a threshold that grows only slowly) with fresh ``mmap``
+    pages and returns freed memory to the OS, so every step pays page faults on zeroed
+    pages again. Measured on 2 CPU cores (MONAI's tutorial loop, 3D ResNet-18, batch 4):
+    40 % fewer page faults and 5 % more samples per second. Results are unchanged: only
+    where tensors live moves. Process-wide; on other C libraries, or with
+    ``MEDIMG_TUNE_MALLOC=0``, nothing is done.
+    """
+    if os.environ.get("MEDIMG_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(
+        mallopt(m_trim_threshold, TRIM_THRESHOLD)
+    )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -325,6 +357,8 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------
     def run(self, callbacks: Sequence[Callback] = (), resume: bool = False) -> TrainResult:
+        if self.device.type == "cpu":
+            tune_allocator()
         seed_everything(self.train_cfg.seed)
         loader, val_data = self._loaders()
         model = build_model(self.task, self.cfg).to(self.device)
@@ -339,11 +373,15 @@ class Trainer:
         from medimg.models.pretrained import param_groups
 
         groups = param_groups(model, target, self.cfg.lr, self.cfg.head_lr_mult)
-        # Not fused=True: on 2 CPU cores the fused kernel took ~0.015 s a step against
-        # 0.2-0.7 s for the default loop, but its different rounding changed the demo's
-        # results (segmenter test Dice 0.61 against 0.75, classifier AUROC 0.46 against
-        # 1.0 on the 7 test patients): the default keeps results reproducible across versions.
-        optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        # foreach=True: the multi-tensor step, which PyTorch picks by default on CUDA only.
+        # On the CPU it gives bit-identical weights to the default per-tensor loop (checked
+        # in tests/unit/test_train.py) and took 0.075 s a step against 0.10 s for a 3D
+        # ResNet-18 on 2 cores. Not fused=True: its different rounding changed the demo's
+        # results (segmenter test Dice 0.61 against 0.75, classifier AUROC 0.46 against 1.0
+        # on the 7 test patients).
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, foreach=True
+        )
         steps_per_epoch = max(1, math.ceil(len(loader) / self.cfg.accumulate))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -531,7 +569,9 @@ class Trainer:
             # interrupted and resumed run must write byte for byte as an uninterrupted one
             "history": [{k: v for k, v in h.items() if k != "seconds"} for h in state["history"]],
         }
-        self.writer.save(payload, self.out_dir / "checkpoint.pt", _live_tensors(model, optimizer))
+        # the resume file, read by torch.load only: no zip CRC (see _save)
+        live = _live_tensors(model, optimizer)
+        self.writer.save(payload, self.out_dir / "checkpoint.pt", live, crc32=False)
 
 
 class _BackgroundWriter:
@@ -557,8 +597,10 @@ class _BackgroundWriter:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="medimg-checkpoint")
         self._pending: list[Future[None]] = []
 
-    def save(self, payload: dict[str, Any], target: Path, live: frozenset[int]) -> None:
-        self._pending.append(self._pool.submit(_save, _snapshot(payload, live), target))
+    def save(
+        self, payload: dict[str, Any], target: Path, live: frozenset[int], crc32: bool = True
+    ) -> None:
+        self._pending.append(self._pool.submit(_save, _snapshot(payload, live), target, crc32))
 
     def drain(self) -> None:
         if not self._pending:
@@ -609,12 +651,24 @@ def _canonical(obj: Any) -> Any:
     return obj
 
 
-def _save(payload: dict[str, Any], target: Path) -> None:
+def _save(payload: dict[str, Any], target: Path, crc32: bool = True) -> None:
     """``torch.save`` atomically, byte for byte the same for the same content (a resumed
     run writes what an uninterrupted one does): through a file object, since with a path
     torch names the archive's root folder after the file, here a random temporary name;
-    and with canonical strings (:func:`_canonical`)."""
-    with atomic_path(target, suffix=".tmp.pt") as tmp, open(tmp, "wb") as f:
+    and with canonical strings (:func:`_canonical`).
+
+    ``crc32=False`` leaves the zip records' CRC-32 at zero, half the CPU time of writing a
+    378 MB checkpoint on 2 cores (0.11 s against 0.24 s). ``torch.load`` never checks it
+    (a checkpoint with a flipped byte loads, wrong, either way), so medimg's own resume
+    loses nothing; other zip tools would report the file as damaged.
+    """
+    from torch.utils.serialization import config as serialization
+
+    with (
+        atomic_path(target, suffix=".tmp.pt") as tmp,
+        open(tmp, "wb") as f,
+        serialization.patch({"save.compute_crc32": crc32}),  # type: ignore[attr-defined]
+    ):
         torch.save(_canonical(payload), f)
 
 

@@ -191,3 +191,28 @@ def test_a_metric_tie_goes_to_the_lower_validation_loss(
     result = stages.train(_params(tiny_processed, tmp_path, epochs=4), "classify")
     assert (result.best_epoch, result.best_metric) == (2, 1.0)
     assert [h["best"] for h in result.history] == [True, True, False, False]
+
+
+def test_the_multi_tensor_optimiser_step_equals_the_per_tensor_loop_bit_for_bit() -> None:
+    """The trainer's AdamW(foreach=True) is a speed choice only: on the CPU it must give
+    the very weights of PyTorch's default per-tensor loop, or results would move."""
+    import copy
+
+    from medimg.models.pretrained import param_groups
+    from medimg.train import build_model
+
+    torch.manual_seed(0)
+    base = build_model("classify", TaskTrainParams(arch="resnet10", conv1_stride=2))
+    weights = {}
+    for foreach in (False, True):
+        model = copy.deepcopy(base)
+        groups = param_groups(model, "classifier", 1e-3, 10.0)  # two groups, as trained
+        opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=1e-4, foreach=foreach)
+        for seed in range(3):
+            torch.manual_seed(seed)
+            opt.zero_grad(set_to_none=True)
+            model(torch.randn(2, 1, 32, 32, 32)).sum().backward()
+            opt.step()
+        weights[foreach] = [p.detach().clone() for p in model.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(weights[True], base.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(weights[False], weights[True], strict=True))
