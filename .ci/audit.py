@@ -103,37 +103,49 @@ def main() -> int:
             answers = pool.map(latest_release_check, missed)
             settled = dict(zip([d["name"] for d in missed], answers, strict=True))
         deps = [settled.get(d["name"], d) if d.get("skip_reason") else d for d in deps]
+    out, err, status = verdict(deps, ACCEPTED)
+    print("\n".join(out))
+    if err:
+        print("\n".join(err), file=sys.stderr)
+    return status
+
+
+def verdict(deps: list[dict], accepted: dict[str, str]) -> tuple[list[str], list[str], int]:
+    """(report lines, lines about what was not checked, exit status) for pip-audit's
+    dependency records: one line per advisory however many ids and aliases name it."""
+    out: list[str] = []
+    err: list[str] = []
     skipped = [d for d in deps if d.get("skip_reason")]
     via_project = sum(d.get("via") == "project" for d in deps)
     found: dict[str, list[str]] = {}  # one advisory (its ids and aliases) -> distributions
-    names: dict[str, frozenset[str]] = {}
+    ids_of: dict[str, frozenset[str]] = {}
     for dep in deps:
         for vuln in dep.get("vulns") or []:
             ids = frozenset([vuln["id"], *(vuln.get("aliases") or [])])
-            key = next((k for k, known in names.items() if known & ids), vuln["id"])
-            names[key] = names.get(key, frozenset()) | ids
+            key = next((k for k, known in ids_of.items() if known & ids), vuln["id"])
+            ids_of[key] = ids_of.get(key, frozenset()) | ids
             fixes = ", ".join(vuln.get("fix_versions") or []) or "none released"
             line = f"{dep['name']} {dep['version']} (fixed in: {fixes})"
             if line not in found.setdefault(key, []):
                 found[key].append(line)
     open_ = 0
     for key, where in found.items():
-        ids = " = ".join(sorted(names[key]))
-        accepted = next((ACCEPTED[i] for i in names[key] if i in ACCEPTED), None)
-        open_ += accepted is None
-        print(f"{'accepted' if accepted else 'VULNERABLE'}: {ids}: {'; '.join(where)}")
-        if accepted:
-            print(f"  {accepted}")
+        reason = next((accepted[i] for i in sorted(ids_of[key]) if i in accepted), None)
+        open_ += reason is None
+        label = "accepted" if reason else "VULNERABLE"
+        out.append(f"{label}: {' = '.join(sorted(ids_of[key]))}: {'; '.join(where)}")
+        if reason:
+            out.append(f"  {reason}")
     checked = len(deps) - len(skipped)
-    print(
-        f"audited {checked} of {len(deps)} installed distributions"
-        + (
-            f" ({via_project} from PyPI's latest-release data: pip-audit's lookup failed)"
-            if via_project
-            else ""
-        )
-        + f": {len(found)} known vulnerabilities, {len(found) - open_} of them reviewed and"
-        f" accepted above, {open_} open"
+    source = (
+        f" ({via_project} from PyPI's latest-release data: pip-audit's lookup failed)"
+        if via_project
+        else ""
+    )
+    out.append(
+        f"audited {checked} of {len(deps)} installed distributions{source}: {len(found)} known"
+        f" vulnerabilities, {len(found) - open_} of them reviewed and accepted above,"
+        f" {open_} open"
     )
     if skipped:
         reasons: dict[str, list[str]] = {}
@@ -144,17 +156,14 @@ def main() -> int:
             reasons.setdefault(reason, []).append(f"{dep['name']} {dep.get('version', '')}{seen}")
         for reason, names in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
             shown = ", ".join(sorted(names)[:12]) + (" ..." if len(names) > 12 else "")
-            print(f"  not checked ({len(names)}): {reason}: {shown}", file=sys.stderr)
-        print(
+            err.append(f"  not checked ({len(names)}): {reason}: {shown}")
+        err.append(
             "audit INCOMPLETE: the distributions above were not looked up, so this is no "
             "clean bill of health. pip-audit needs PyPI's JSON API (pypi.org/pypi/<name>/"
             "<version>/json) or OSV (--vulnerability-service osv); run it where either is "
-            "reachable.",
-            file=sys.stderr,
+            "reachable."
         )
-    if open_:
-        return 1
-    return 2 if skipped else 0
+    return out, err, 1 if open_ else 2 if skipped else 0
 
 
 if __name__ == "__main__":
