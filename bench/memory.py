@@ -62,9 +62,8 @@ def write_params(path: Path, params: Params) -> Path:
     return path
 
 
-def one_series(root: Path, matrix: int, n_slices: int, spacing: float) -> tuple[Path, float]:
-    """A cohort of one axial CT series with a lesion mask; returns its params file and
-    pixel GiB."""
+def one_series(root: Path, matrix: int, n_slices: int, spacing: float) -> Path:
+    """A cohort of one axial CT series with a lesion mask; returns its params file."""
     params = scratch_params(root, 1)
     synth = SynthParams(
         n_patients=1,
@@ -84,7 +83,7 @@ def one_series(root: Path, matrix: int, n_slices: int, spacing: float) -> tuple[
     )
     params = params.model_copy(update={"synth": synth})
     stages.synth(params)
-    return write_params(root / "params.yaml", params), matrix * matrix * 2 * n_slices / GIB
+    return write_params(root / "params.yaml", params)
 
 
 def grow_series(root: Path, n_slices: int) -> None:
@@ -125,9 +124,9 @@ def grow_series(root: Path, n_slices: int) -> None:
 def ingest_bound(gb: float) -> None:
     with tempfile.TemporaryDirectory(prefix="medimg-mem-") as tmp:
         n_slices = max(32, min(4096, round(gb * GIB / (1024 * 1024 * 2))))
-        small, _ = one_series(Path(tmp) / "small", 64, 16, 4.0)
+        small = one_series(Path(tmp) / "small", 64, 16, 4.0)
         t0 = time.perf_counter()
-        big, _ = one_series(Path(tmp) / "big", 1024, 32, 1.0)
+        big = one_series(Path(tmp) / "big", 1024, 32, 1.0)
         grow_series(Path(tmp) / "big", n_slices)
         size = 1024 * 1024 * 2 * n_slices / GIB
         on_disk = sum(p.stat().st_size for p in (Path(tmp) / "big/raw").rglob("*")) / GIB

@@ -370,7 +370,7 @@ class Trainer:
             report = load_pretrained(
                 model, self.cfg.pretrained, target, self.cfg.min_loaded_fraction
             )
-        from medimg.models.pretrained import param_groups
+        from medimg.models.pretrained import freeze_encoder, param_groups
 
         groups = param_groups(model, target, self.cfg.lr, self.cfg.head_lr_mult)
         # foreach=True: the multi-tensor step, which PyTorch picks by default on CUDA only.
@@ -415,24 +415,87 @@ class Trainer:
             state["history"] = [{**h, "seconds": math.nan} for h in state["history"]]
             log.info("resumed %s training after epoch %d", self.task, state["epoch"])
         stopped_early = False
-        self.writer = _BackgroundWriter()
-        try:
-            stopped_early = self._epochs(
-                net,
-                model,
-                loader,
-                val_data,
-                loss_fn,
-                optimizer,
-                scheduler,
-                scaler,
-                state,
-                report,
-                target,
-                callbacks,
-            )
-        finally:
-            self.writer.close()  # every checkpoint on disk (or its error raised) on return
+        # every checkpoint is on disk (or its error raised) when the block ends
+        with _BackgroundWriter() as self.writer:
+            for epoch in range(state["epoch"] + 1, self.cfg.epochs + 1):
+                if state["bad_epochs"] >= self.cfg.patience:
+                    stopped_early = True
+                    break
+                t0 = time.perf_counter()
+                # Epoch e's randomness is a function of (seed, e): resuming repeats it exactly.
+                epoch_seed = self.train_cfg.seed * 1000 + epoch
+                seed_everything(epoch_seed)
+                self.generator.manual_seed(epoch_seed)
+                self.train_transform.set_random_state(seed=epoch_seed)
+                if self.sampler is not None:
+                    self.sampler.set_epoch(epoch)
+                frozen = epoch <= self.cfg.freeze_encoder_epochs
+                freeze_encoder(model, target, frozen)
+                net.train()
+                total, n = 0.0, 0
+                optimizer.zero_grad(set_to_none=True)
+                for i, batch in enumerate(loader):
+                    loss = self._forward_batch(net, batch, loss_fn)
+                    scaler.scale(loss / self.cfg.accumulate).backward()
+                    if (i + 1) % self.cfg.accumulate == 0 or i + 1 == len(loader):
+                        # the writer reads the live weights and optimiser state: the first step
+                        # after an epoch's end waits until it has written them
+                        self.writer.drain()
+                        scaler.step(optimizer)
+                        scaler.update()
+                        optimizer.zero_grad(set_to_none=True)
+                        scheduler.step()
+                    total += float(loss.detach()) * len(batch["image"])
+                    n += len(batch["image"])
+                val_loss, val_metric = (math.nan, math.nan)
+                if self.rank == 0:
+                    val_loss, val_metric = self.validate(model, val_data, None, loss_fn)
+                # a validation fold with one class has no AUROC: fall back to its loss
+                score = val_metric if math.isfinite(val_metric) else -val_loss
+                # an AUROC or Dice tie (a small validation fold often reaches 1.0 early) goes
+                # to the lower validation loss: the better calibrated of equally ranking models
+                best = self.rank == 0 and (
+                    score > state["best_metric"]
+                    or (score == state["best_metric"] and val_loss < state["best_loss"])
+                )
+                if best:
+                    state.update(
+                        best_metric=score, best_loss=val_loss, best_epoch=epoch, bad_epochs=0
+                    )
+                    self._save_weights(model, "model.pt", report)
+                else:
+                    state["bad_epochs"] += 1
+                if self.world > 1:  # every rank follows rank 0's early-stopping state
+                    import torch.distributed as dist
+
+                    shared = [state["bad_epochs"], state["best_metric"], state["best_epoch"]]
+                    dist.broadcast_object_list(shared, src=0)
+                    state["bad_epochs"], state["best_metric"], state["best_epoch"] = shared
+                entry = EpochLog(
+                    epoch,
+                    total / max(n, 1),
+                    val_loss,
+                    val_metric,
+                    float(scheduler.get_last_lr()[0]),
+                    time.perf_counter() - t0,
+                    best,
+                )
+                state["history"].append(asdict(entry))
+                state["epoch"] = epoch
+                if self.rank == 0:
+                    self._checkpoint(model, optimizer, scheduler, scaler, state)
+                    for cb in callbacks:
+                        cb(entry)
+                log.info(
+                    "%s epoch %d: train loss %.4f, val loss %.4f, val %s %.4f%s",
+                    self.task,
+                    epoch,
+                    entry.train_loss,
+                    val_loss,
+                    "AUROC" if self.task == "classify" else "Dice",
+                    val_metric,
+                    " (best)" if best else "",
+                )
         if self.world > 1:
             import torch.distributed as dist
 
@@ -446,106 +509,6 @@ class Trainer:
             stopped_early=stopped_early,
             initialisation=report.summary() if report is not None else TrainResult.initialisation,
         )
-
-    def _epochs(
-        self,
-        net: nn.Module,
-        model: nn.Module,
-        loader: Any,
-        val_data: Any,
-        loss_fn: nn.Module,
-        optimizer: Any,
-        scheduler: Any,
-        scaler: Any,
-        state: dict[str, Any],
-        report: Any,
-        target: Target,
-        callbacks: Sequence[Callback],
-    ) -> bool:
-        """Train from the epoch after ``state["epoch"]``; True when stopped early."""
-        from medimg.models.pretrained import freeze_encoder
-
-        stopped_early = False
-        for epoch in range(state["epoch"] + 1, self.cfg.epochs + 1):
-            if state["bad_epochs"] >= self.cfg.patience:
-                stopped_early = True
-                break
-            t0 = time.perf_counter()
-            # Epoch e's randomness is a function of (seed, e): resuming repeats it exactly.
-            epoch_seed = self.train_cfg.seed * 1000 + epoch
-            seed_everything(epoch_seed)
-            self.generator.manual_seed(epoch_seed)
-            self.train_transform.set_random_state(seed=epoch_seed)
-            if self.sampler is not None:
-                self.sampler.set_epoch(epoch)
-            frozen = epoch <= self.cfg.freeze_encoder_epochs
-            freeze_encoder(model, target, frozen)
-            net.train()
-            total, n = 0.0, 0
-            optimizer.zero_grad(set_to_none=True)
-            for i, batch in enumerate(loader):
-                loss = self._forward_batch(net, batch, loss_fn)
-                scaler.scale(loss / self.cfg.accumulate).backward()
-                if (i + 1) % self.cfg.accumulate == 0 or i + 1 == len(loader):
-                    # the writer reads the live weights and optimiser state: the first step
-                    # after an epoch's end waits until it has written them
-                    self.writer.drain()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                total += float(loss.detach()) * len(batch["image"])
-                n += len(batch["image"])
-            val_loss, val_metric = (math.nan, math.nan)
-            if self.rank == 0:
-                val_loss, val_metric = self.validate(model, val_data, None, loss_fn)
-            # a validation fold with one class has no AUROC: fall back to its loss
-            score = val_metric if math.isfinite(val_metric) else -val_loss
-            # an AUROC or Dice tie (a small validation fold often reaches 1.0 early) goes
-            # to the lower validation loss: the better calibrated of equally ranking models
-            best = self.rank == 0 and (
-                score > state["best_metric"]
-                or (score == state["best_metric"] and val_loss < state["best_loss"])
-            )
-            if self.rank == 0:  # last epoch's files are written before this epoch's
-                self.writer.drain()
-            if best:
-                state.update(best_metric=score, best_loss=val_loss, best_epoch=epoch, bad_epochs=0)
-                self._save_weights(model, "model.pt", report)
-            else:
-                state["bad_epochs"] += 1
-            if self.world > 1:  # every rank follows rank 0's early-stopping state
-                import torch.distributed as dist
-
-                shared = [state["bad_epochs"], state["best_metric"], state["best_epoch"]]
-                dist.broadcast_object_list(shared, src=0)
-                state["bad_epochs"], state["best_metric"], state["best_epoch"] = shared
-            entry = EpochLog(
-                epoch,
-                total / max(n, 1),
-                val_loss,
-                val_metric,
-                float(scheduler.get_last_lr()[0]),
-                time.perf_counter() - t0,
-                best,
-            )
-            state["history"].append(asdict(entry))
-            state["epoch"] = epoch
-            if self.rank == 0:
-                self._checkpoint(model, optimizer, scheduler, scaler, state)
-                for cb in callbacks:
-                    cb(entry)
-            log.info(
-                "%s epoch %d: train loss %.4f, val loss %.4f, val %s %.4f%s",
-                self.task,
-                epoch,
-                entry.train_loss,
-                val_loss,
-                "AUROC" if self.task == "classify" else "Dice",
-                val_metric,
-                " (best)" if best else "",
-            )
-        return stopped_early
 
     def _save_weights(self, model: nn.Module, name: str, report: Any) -> None:
         payload = {
@@ -587,7 +550,8 @@ class _BackgroundWriter:
     forward pass changes (batch-norm statistics) are copied.
 
     :meth:`drain` raises a failed write's error (a full disk fails the run at the next
-    step, not silently); :meth:`close` drains and stops the thread. A run killed mid-write
+    step, not silently); :meth:`close` (or leaving a ``with`` block) drains and stops the
+    thread. A run killed mid-write
     leaves the previous file whole and a temporary file that the next run removes.
     """
 
@@ -615,6 +579,12 @@ class _BackgroundWriter:
         finally:
             self._pool.shutdown(wait=True)
 
+    def __enter__(self) -> _BackgroundWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _live_tensors(model: nn.Module, optimizer: Any = None) -> frozenset[int]:
     """Storage addresses of the CPU tensors that only an optimiser step changes."""
@@ -625,30 +595,33 @@ def _live_tensors(model: nn.Module, optimizer: Any = None) -> frozenset[int]:
     return frozenset(t.untyped_storage().data_ptr() for t in tensors if t.device.type == "cpu")
 
 
+def _map(obj: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``obj`` rebuilt with ``leaf`` applied to every value and dict key below it."""
+    if isinstance(obj, dict):
+        return {_map(k, leaf): _map(v, leaf) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_map(v, leaf) for v in obj)
+    return leaf(obj)
+
+
 def _snapshot(obj: Any, live: frozenset[int] = frozenset()) -> Any:
     """``obj`` with every tensor copied to the CPU but the ``live`` ones (state dicts share
     storage with the model and optimiser)."""
-    if isinstance(obj, torch.Tensor):
-        if obj.device.type == "cpu" and obj.untyped_storage().data_ptr() in live:
-            return obj.detach()
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _snapshot(v, live) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_snapshot(v, live) for v in obj)
-    return obj
+
+    def copy(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.device.type == "cpu" and value.untyped_storage().data_ptr() in live:
+            return value.detach()
+        return value.detach().to("cpu", copy=True)
+
+    return _map(obj, copy)
 
 
 def _canonical(obj: Any) -> Any:
     """``obj`` with every string interned: pickle writes a string once per object, so
     equal strings must be one object (a resumed run's are partly unpickled copies)."""
-    if isinstance(obj, str):
-        return sys.intern(obj)
-    if isinstance(obj, dict):
-        return {_canonical(k): _canonical(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_canonical(v) for v in obj)
-    return obj
+    return _map(obj, lambda value: sys.intern(value) if isinstance(value, str) else value)
 
 
 def _save(payload: dict[str, Any], target: Path, crc32: bool = True) -> None:

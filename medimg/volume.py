@@ -144,6 +144,9 @@ def save_nifti(
                 f.write(pack(chunk))
 
 
+MASK_SLAB_VOXELS = 1 << 22  # volume voxels resampled at once by align_mask (~100 MB of index)
+
+
 def align_mask(
     mask: nib.Nifti1Image, shape: tuple[int, ...], affine: FloatArray
 ) -> npt.NDArray[np.uint8] | None:
@@ -184,9 +187,6 @@ def align_mask(
     if inside < 0.5 * out.size:
         return None
     return out
-
-
-MASK_SLAB_VOXELS = 1 << 22  # volume voxels resampled at once by align_mask (~100 MB of index)
 
 
 def _permuted_mask(
