@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 @contextlib.contextmanager
@@ -35,6 +37,69 @@ def atomic_path(target: Path, suffix: str = ".tmp") -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+SPARE = ".spare.tmp"  # ends the name of atomic_rewrite's spare copy (a temporary file)
+
+
+def spare_path(target: Path) -> Path:
+    """The hidden spare that :func:`atomic_rewrite` keeps beside ``target``."""
+    return target.parent / f".{target.name}{SPARE}"
+
+
+@contextlib.contextmanager
+def atomic_rewrite(target: Path) -> Iterator[BinaryIO]:
+    """Yield a file open for writing; on success it replaces ``target`` atomically, as
+    :func:`atomic_path` does, for a file rewritten again and again (a checkpoint every
+    epoch).
+
+    The version it replaces is not deleted but kept as a hidden spare
+    (:func:`spare_path`), and the next call writes into the spare's blocks and cached pages
+    in place, then renames it onto ``target``. Creating a new file of several hundred MB,
+    and deleting the old one, costs the kernel far more than overwriting one: measured on
+    2 CPU cores, a 384 MB file took 0.12-0.87 s of system time to write new and
+    0.05-0.08 s to overwrite (``bench/train.py`` shows what it does to training). The
+    price is one more copy of the file on disk while the spare exists;
+    :func:`remove_temporaries` and :func:`remove_spare` delete it.
+
+    Only a plain file with no other name is overwritten: a spare that is a link (to
+    ``target`` itself, after a crash between the two renames below, or to a DVC cache)
+    or not a regular file is set aside and a new file written instead. A crash mid-write
+    leaves ``target`` whole and a temporary file, as :func:`atomic_path` does.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    spare = spare_path(target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(spare, tmp)
+        try:
+            fd = os.open(tmp, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                os.close(fd)
+                raise OSError("not a plain file of its own")
+        except OSError:  # a link or a symlink: never write through it
+            tmp.unlink()
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "r+b") as f:
+            yield f
+            f.truncate()
+        if target.is_file():  # the version replaced below becomes the next call's spare
+            with contextlib.suppress(OSError):  # no hard links on this file system: no spare
+                os.link(target, spare)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_spare(target: Path) -> None:
+    """Delete :func:`atomic_rewrite`'s spare copy of ``target``, if any."""
+    spare_path(Path(target)).unlink(missing_ok=True)
 
 
 def remove_temporaries(folder: Path, name: str = "*") -> list[Path]:

@@ -43,7 +43,7 @@ from torch import nn
 from medimg.config import AugmentParams, LoaderParams, TaskTrainParams, TrainParams
 from medimg.data.datasets import build_dataset, build_loader, cached_gib, items
 from medimg.errors import ConfigError, DataError
-from medimg.io import atomic_path, atomic_write_text, remove_temporaries
+from medimg.io import atomic_rewrite, atomic_write_text, remove_spare, remove_temporaries
 from medimg.models.pretrained import Target
 
 log = logging.getLogger(__name__)
@@ -550,9 +550,9 @@ class _BackgroundWriter:
     forward pass changes (batch-norm statistics) are copied.
 
     :meth:`drain` raises a failed write's error (a full disk fails the run at the next
-    step, not silently); :meth:`close` (or leaving a ``with`` block) drains and stops the
-    thread. A run killed mid-write
-    leaves the previous file whole and a temporary file that the next run removes.
+    step, not silently); :meth:`close` (or leaving a ``with`` block) drains, stops the
+    thread and deletes the spare copies that rewriting keeps (:func:`_save`). A run killed
+    mid-write leaves the previous file whole and temporary files that the next run removes.
     """
 
     def __init__(self) -> None:
@@ -560,10 +560,12 @@ class _BackgroundWriter:
 
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="medimg-checkpoint")
         self._pending: list[Future[None]] = []
+        self._targets: set[Path] = set()
 
     def save(
         self, payload: dict[str, Any], target: Path, live: frozenset[int], crc32: bool = True
     ) -> None:
+        self._targets.add(target)
         self._pending.append(self._pool.submit(_save, _snapshot(payload, live), target, crc32))
 
     def drain(self) -> None:
@@ -578,6 +580,8 @@ class _BackgroundWriter:
             self.drain()
         finally:
             self._pool.shutdown(wait=True)
+            for target in self._targets:  # the spare copies kept for rewriting, no longer
+                remove_spare(target)
 
     def __enter__(self) -> _BackgroundWriter:
         return self
@@ -628,7 +632,9 @@ def _save(payload: dict[str, Any], target: Path, crc32: bool = True) -> None:
     """``torch.save`` atomically, byte for byte the same for the same content (a resumed
     run writes what an uninterrupted one does): through a file object, since with a path
     torch names the archive's root folder after the file, here a random temporary name;
-    and with canonical strings (:func:`_canonical`).
+    and with canonical strings (:func:`_canonical`). The file is rewritten in place of the
+    version before last (:func:`~medimg.io.atomic_rewrite`): a run rewrites its checkpoint
+    every epoch, and overwriting a file costs the kernel a fraction of writing a new one.
 
     ``crc32=False`` leaves the zip records' CRC-32 at zero, half the CPU time of writing a
     378 MB checkpoint on 2 cores (0.11 s against 0.24 s). ``torch.load`` never checks it
@@ -638,8 +644,7 @@ def _save(payload: dict[str, Any], target: Path, crc32: bool = True) -> None:
     from torch.utils.serialization import config as serialization
 
     with (
-        atomic_path(target, suffix=".tmp.pt") as tmp,
-        open(tmp, "wb") as f,
+        atomic_rewrite(target) as f,
         serialization.patch({"save.compute_crc32": crc32}),  # type: ignore[attr-defined]
     ):
         torch.save(_canonical(payload), f)
