@@ -201,11 +201,11 @@ class TrainParams(StrictModel):
     classify: TaskTrainParams = TaskTrainParams(
         arch="resnet18",
         pretrained="models/segment/model.pt",
-        epochs=20,
+        epochs=30,
         freeze_encoder_epochs=3,
         head_lr_mult=10.0,
     )
-    segment: TaskTrainParams = TaskTrainParams(arch="resnet18", batch_size=2, lr=0.002)
+    segment: TaskTrainParams = TaskTrainParams(arch="resnet18", batch_size=2, lr=0.002, epochs=25)
 
 
 class TrackingParams(StrictModel):

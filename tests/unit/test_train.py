@@ -193,26 +193,39 @@ def test_a_metric_tie_goes_to_the_lower_validation_loss(
     assert [h["best"] for h in result.history] == [True, True, False, False]
 
 
-def test_the_multi_tensor_optimiser_step_equals_the_per_tensor_loop_bit_for_bit() -> None:
-    """The trainer's AdamW(foreach=True) is a speed choice only: on the CPU it must give
-    the very weights of PyTorch's default per-tensor loop, or results would move."""
+def test_the_fused_optimiser_step_is_the_reference_adamw_up_to_rounding() -> None:
+    """The trainer's fused AdamW is a speed choice only: given the same gradients, its
+    weights must be those of PyTorch's reference per-tensor AdamW up to float rounding, in
+    both parameter groups (the encoder, and the head at its larger learning rate). The
+    gradients are given, not computed: through a network, rounding differences in the
+    weights change the next gradients, and Adam's normalised step amplifies them."""
     import copy
 
     from medimg.models.pretrained import param_groups
-    from medimg.train import build_model
+    from medimg.train import build_model, build_optimizer
 
+    cfg = TaskTrainParams(arch="resnet10", conv1_stride=2, lr=1e-3, weight_decay=0.1)
     torch.manual_seed(0)
-    base = build_model("classify", TaskTrainParams(arch="resnet10", conv1_stride=2))
+    base = build_model("classify", cfg)
     weights = {}
-    for foreach in (False, True):
+    for kind in ("reference", "trainer"):
         model = copy.deepcopy(base)
-        groups = param_groups(model, "classifier", 1e-3, 10.0)  # two groups, as trained
-        opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=1e-4, foreach=foreach)
-        for seed in range(3):
+        groups = param_groups(model, "classifier", cfg.lr, 10.0)  # two groups, as trained
+        if kind == "reference":
+            opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.1, foreach=False)
+        else:
+            opt = build_optimizer(groups, cfg)
+            assert opt.defaults["fused"]
+        for seed in range(4):
             torch.manual_seed(seed)
-            opt.zero_grad(set_to_none=True)
-            model(torch.randn(2, 1, 32, 32, 32)).sum().backward()
+            for p in model.parameters():
+                p.grad = torch.randn_like(p) * 10.0 ** torch.randint(-6, 0, p.shape)
             opt.step()
-        weights[foreach] = [p.detach().clone() for p in model.parameters()]
-    assert any(not torch.equal(a, b) for a, b in zip(weights[True], base.parameters(), strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(weights[False], weights[True], strict=True))
+        weights[kind] = [p.detach().clone() for p in model.parameters()]
+    moved = max(
+        (a - b).abs().max().item()
+        for a, b in zip(weights["trainer"], base.parameters(), strict=True)
+    )
+    assert moved > 1e-3  # four steps of about lr each
+    for ref, got in zip(weights["reference"], weights["trainer"], strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
