@@ -68,12 +68,8 @@ def atomic_rewrite(target: Path) -> Iterator[BinaryIO]:
     leaves ``target`` whole and a temporary file, as :func:`atomic_path` does.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     spare = spare_path(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with atomic_path(target) as tmp:
         with contextlib.suppress(FileNotFoundError):
             os.replace(spare, tmp)
         try:
@@ -88,13 +84,10 @@ def atomic_rewrite(target: Path) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "r+b") as f:
             yield f
             f.truncate()
-        if target.is_file():  # the version replaced below becomes the next call's spare
-            with contextlib.suppress(OSError):  # no hard links on this file system: no spare
-                os.link(target, spare)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        # the version atomic_path replaces becomes the next call's spare (none when there
+        # is no target yet, or the file system has no hard links)
+        with contextlib.suppress(OSError):
+            os.link(target, spare)
 
 
 def remove_spare(target: Path) -> None:

@@ -212,7 +212,7 @@ def test_the_fused_optimiser_step_is_the_reference_adamw_up_to_rounding() -> Non
         model = copy.deepcopy(base)
         groups = param_groups(model, "classifier", cfg.lr, 10.0)  # two groups, as trained
         if kind == "reference":
-            opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.1, foreach=False)
+            opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
         else:
             opt = build_optimizer(groups, cfg)
             assert opt.defaults["fused"]
