@@ -11,7 +11,7 @@ STAMP := $(VENV)/.medimg-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test lint audit bench ui serve prefect-server clean
+.PHONY: install demo test system-packages lint audit bench ui serve prefect-server clean
 
 install: $(STAMP)
 
@@ -32,13 +32,30 @@ demo: $(STAMP)
 	$(BIN)/medimg register --task classify
 	@echo "Metrics: .venv/bin/dvc metrics show    Runs and models: make ui"
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Debian packages the suite drives: Chromium for the UI tests. Installed with apt-get (as
+# root, or through sudo when it asks no password); otherwise make stops at once and names
+# the one command to run.
+SYSTEM_PACKAGES := chromium
+system-packages:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	    command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
+	    elif sudo -n true 2>/dev/null; then sudo="sudo"; \
+	    else echo "make test needs Debian packages:$$missing. Run: sudo apt-get install -y$$missing"; exit 1; fi; \
+	    echo "installing Debian packages:$$missing"; \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check medimg pipelines tests bench .ci
 	$(BIN)/ruff check medimg pipelines tests bench .ci
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # The MLflow UI on 127.0.0.1 against the project's store (tracking.uri in params.yaml).
 ui: $(STAMP)

@@ -1,6 +1,11 @@
-"""Shared by the benchmark scripts: params for a synthetic cohort under a scratch folder.
+"""Shared by the benchmark scripts: scratch params for a synthetic cohort, project copies.
 
-Not a benchmark itself (``make bench`` runs it too: it only prints its help).
+Params put every data path of a synthetic cohort under a scratch folder; a project copy is
+this repository's files in a fresh git repository, to run the pipeline in.
+
+Not a benchmark itself (``make bench`` runs it too: it only prints its help). The
+integration tests import :func:`copy_project` from here as ``bench.cohort``; so this module
+imports nothing from ``tests`` and nothing beyond the project's own dependencies.
 """
 
 from __future__ import annotations
@@ -43,9 +48,10 @@ def run(root: Path, *args: str) -> str:
     return done.stdout
 
 
-def scratch_project(root: Path, edit: Callable[[dict[str, Any]], None]) -> None:
-    """This repository's files (tracked, or new and not ignored; no outputs) copied into
-    ``root`` as a fresh git repository, with ``edit`` applied to its params.yaml."""
+def copy_project(dest: Path) -> None:
+    """Copy this repository's files (tracked, or new and not ignored; no outputs) into
+    ``dest``. The integration tests' project copies use it too (tests/integration/project.py).
+    """
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
         cwd=REPO,
@@ -55,8 +61,14 @@ def scratch_project(root: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     for name in filter(None, listed):
         src = REPO / name.decode()
         if src.is_file():
-            (root / name.decode()).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / name.decode())
+            (dest / name.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name.decode())
+
+
+def scratch_project(root: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """This repository's files copied into ``root`` (:func:`copy_project`) as a fresh git
+    repository, with ``edit`` applied to its params.yaml."""
+    copy_project(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     edit(params)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

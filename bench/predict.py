@@ -26,7 +26,7 @@ from cohort import scratch_params
 
 from medimg import stages, tracking
 from medimg.config import TrackingParams
-from medimg.train import build_model
+from medimg.models.build import build_model
 
 
 def register_random_segmenter(params, root: Path) -> str:  # type: ignore[no-untyped-def]

@@ -73,7 +73,7 @@ def main() -> None:
 
         table = pd.read_parquet(root / "processed" / "manifest.parquet")
         data = items(root / "processed", table[table["split"] != "test"])
-        transform = training_transforms("classify", AugmentParams(), train=True)
+        transform = training_transforms(AugmentParams(), train=True)
         results = {}
         for kind in ("cache", "plain"):
             cfg = LoaderParams(dataset=kind, cache_gib=2.0)  # type: ignore[arg-type]

@@ -48,7 +48,11 @@ from cohort import scratch_params
 
 from medimg import stages
 from medimg.config import Params, TaskTrainParams
-from medimg.train import Trainer, _split_items, build_model, seed_everything, train
+from medimg.data.datasets import fold_items
+from medimg.models.build import build_model
+from medimg.runtime import seed_everything
+from medimg.tasks import CLASSIFY
+from medimg.train import TrainConfig, Trainer, train
 from medimg.transforms import training_transforms
 
 
@@ -93,9 +97,9 @@ def plain_monai_loop(params: Params, processed: Path, epochs: int, out_dir: Path
     cfg = params.train.classify
     t0, cpu0 = time.perf_counter(), time.process_time()
     seed_everything(0)
-    train_items, val_items = _split_items(processed, params.train.fold, False)
-    train_t = training_transforms("classify", params.augment, train=True, with_label=False)
-    val_t = training_transforms("classify", params.augment, train=False, with_label=False)
+    train_items, val_items = fold_items(processed, params.train.fold, False)
+    train_t = training_transforms(params.augment, train=True, with_label=False)
+    val_t = training_transforms(params.augment, train=False, with_label=False)
     ds = CacheDataset(train_items, transform=train_t, progress=False)
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0)
     val_loader = DataLoader(Dataset(val_items, transform=val_t), batch_size=cfg.batch_size)
@@ -137,10 +141,10 @@ def plain_monai_loop(params: Params, processed: Path, epochs: int, out_dir: Path
 
 @contextlib.contextmanager
 def forward_backward_clock() -> Iterator[dict[str, Any]]:
-    """Time medimg's training forward passes (``Trainer._forward_batch``, loss included)
+    """Time medimg's training forward passes (``Trainer.batch_loss``, loss included)
     and backward passes (``Tensor.backward``) while the block runs; validation is outside."""
     clock: dict[str, Any] = {"seconds": 0.0, "first": None, "inside": False}
-    forward, backward = Trainer._forward_batch, torch.Tensor.backward
+    forward, backward = Trainer.batch_loss, torch.Tensor.backward
 
     def timed_forward(self: Trainer, *args: Any, **kwargs: Any) -> torch.Tensor:
         t = time.perf_counter()
@@ -160,12 +164,12 @@ def forward_backward_clock() -> Iterator[dict[str, Any]]:
             clock["inside"] = False
             clock["seconds"] += time.perf_counter() - t
 
-    Trainer._forward_batch = timed_forward  # type: ignore[method-assign]
+    Trainer.batch_loss = timed_forward  # type: ignore[method-assign]
     torch.Tensor.backward = timed_backward  # type: ignore[method-assign]
     try:
         yield clock
     finally:
-        Trainer._forward_batch = forward  # type: ignore[method-assign]
+        Trainer.batch_loss = forward  # type: ignore[method-assign]
         torch.Tensor.backward = backward  # type: ignore[method-assign]
 
 
@@ -174,18 +178,15 @@ def medimg_loop(params: Params, processed: Path, out_dir: Path) -> Run:
     with forward_backward_clock() as clock:
         t0, cpu0 = time.perf_counter(), time.process_time()
         result = train(
-            "classify",
-            params.train,
-            params.augment,
-            params.loader,
+            CLASSIFY,
+            TrainConfig.from_params(params, CLASSIFY),
             processed,
             out_dir,
             metrics_file=out_dir / "classify_train.json",
-            resolved_config=params.model_dump(mode="json"),
         )
         seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     shutil.rmtree(out_dir)  # about 0.5 GB of checkpoint and weights
-    n_train = len(_split_items(processed, params.train.fold, False)[0])
+    n_train = len(fold_items(processed, params.train.fold, False)[0])
     samples = n_train * result.epochs_run
     return Run("medimg", seconds, cpu, clock["seconds"], samples, clock["first"] - t0)
 
@@ -247,7 +248,7 @@ def main() -> None:
         stages.ingest(params)
         stages.preprocess(params)
         (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
-        n_train = len(_split_items(root / "processed", params.train.fold, False)[0])
+        n_train = len(fold_items(root / "processed", params.train.fold, False)[0])
         print(
             f"{n_train} training volumes x {args.epochs} epochs, batch {cls.batch_size}, {cls.arch}"
             f"; each run in a fresh process after an untimed epoch"

@@ -16,7 +16,7 @@ import typer
 
 if TYPE_CHECKING:
     from medimg.config import Params
-    from medimg.dicom.synth import Progress
+    from medimg.typing import Progress
 
 app = typer.Typer(
     help="medimg: DICOM CT/MR to validated, registered models, reproducibly.",
@@ -176,11 +176,12 @@ def train(
 ) -> None:
     """Fine-tune a pretrained ResNet (classify) or ResNet-encoder U-Net (segment)."""
     from medimg import stages
+    from medimg.tasks import get_task
 
     params = _load(params_file)
     with _user_errors():
         result = stages.train(params, task, resume=resume)
-    metric = "AUROC" if task == "classify" else "Dice"
+    metric = get_task(task).val_metric_title
     typer.echo(
         f"{task}: best validation {metric} {result.best_metric:.3f} at epoch {result.best_epoch} "
         f"of {result.epochs_run}; weights in {params.data.models / task}/model.pt"

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medimg.errors import ConfigError
 
@@ -189,23 +196,46 @@ class TaskTrainParams(StrictModel):
     decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 8)  # segmentation decoder widths
 
 
+class ClassifyParams(TaskTrainParams):
+    """``train.classify``: the diagnosis model. Keys a params file leaves out keep these
+    defaults, not the generic ones of :class:`TaskTrainParams`.
+
+    The demo segments first, then starts the classifier from the segmenter's encoder:
+    dense lesion supervision is the "related task" pretraining a CPU can afford.
+    """
+
+    pretrained: str = "models/segment/model.pt"  # see TaskTrainParams.pretrained
+    epochs: int = Field(30, ge=1)  # upper bound; early stopping may end sooner
+    freeze_encoder_epochs: int = Field(3, ge=0)  # encoder frozen for the first N epochs
+    head_lr_mult: float = Field(10.0, gt=0)  # learning-rate multiplier of the new head
+
+
+class SegmentParams(TaskTrainParams):
+    """``train.segment``: the segmentation model, with its own defaults."""
+
+    batch_size: int = Field(2, ge=1)  # volumes per step, each giving patches_per_volume
+    lr: float = Field(0.002, gt=0)  # peak learning rate, AdamW
+    epochs: int = Field(25, ge=1)  # upper bound; early stopping may end sooner
+
+
 class TrainParams(StrictModel):
-    """Training of both tasks."""
+    """Training of both tasks: shared settings, then one section per task."""
 
     seed: int = 0  # seeds Python, NumPy and torch; CPU runs repeat exactly
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
     amp: bool = True  # mixed precision (on CUDA only)
     fold: int = Field(0, ge=0)  # the validation fold; the other folds train
-    # The demo segments first, then starts the classifier from the segmenter's encoder:
-    # dense lesion supervision is the "related task" pretraining a CPU can afford.
-    classify: TaskTrainParams = TaskTrainParams(
-        arch="resnet18",
-        pretrained="models/segment/model.pt",
-        epochs=30,
-        freeze_encoder_epochs=3,
-        head_lr_mult=10.0,
-    )
-    segment: TaskTrainParams = TaskTrainParams(arch="resnet18", batch_size=2, lr=0.002, epochs=25)
+    classify: ClassifyParams = ClassifyParams()
+    segment: SegmentParams = SegmentParams()
+
+    @field_validator("classify", "segment", mode="before")
+    @classmethod
+    def _complete_section(cls, value: Any) -> Any:
+        # A mapping (a params file's section) is completed from the task's own defaults.
+        # A TaskTrainParams object built in code says every value already: taken as it is.
+        if isinstance(value, TaskTrainParams):
+            return value.model_dump()
+        return value
 
 
 class TrackingParams(StrictModel):

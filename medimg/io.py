@@ -12,6 +12,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def project_path(root: Path, path: Path) -> Path:
+    """``path`` as given when absolute, else relative to the project ``root`` (params
+    name their paths relative to the project)."""
+    return path if path.is_absolute() else root / path
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` on success.

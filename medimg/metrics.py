@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -305,102 +305,15 @@ def surface_distances(
     return float(np.percentile(pooled, 95)), float(pooled.mean())
 
 
-# --- uncertainty -----------------------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    """Names that moved to :mod:`medimg.stats` (before medimg 0.2 they lived here)."""
+    if name in ("bootstrap_ci", "breakdown"):
+        import warnings
 
+        from medimg import stats
 
-def bootstrap_ci(
-    frame: pd.DataFrame,
-    statistic: Callable[[pd.DataFrame], float],
-    group: str = "patient",
-    n_boot: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """Point estimate and percentile confidence interval from a cluster bootstrap.
-
-    Rows of one patient are correlated (several series, several lesions), so patients are
-    resampled with replacement, never rows: each sample holds every row of each drawn
-    patient, twice over for a patient drawn twice. Resampling rows would treat correlated
-    rows as independent and give intervals that are too narrow.
-
-    Args:
-        frame: one row per case, with a ``group`` column.
-        statistic: computes the metric from a frame (the samples have a fresh 0..n-1
-            index); NaN marks a sample where it is undefined, e.g. a single class.
-        group: column naming the resampling unit.
-        n_boot: number of bootstrap samples.
-        alpha: 1 - confidence level.
-        seed: seed of the generator; equal seeds give equal intervals.
-
-    Returns:
-        ``(estimate, lower, upper)``: the statistic on the whole frame and the percentile
-        interval over the valid samples. The interval is NaN when fewer than half of the
-        samples are valid.
-    """
-    if not 0 < alpha < 1:
-        raise ValueError("alpha must lie in (0, 1)")
-    if n_boot < 1:
-        raise ValueError("n_boot must be at least 1")
-    estimate = float(statistic(frame))
-    codes, uniques = pd.factorize(frame[group], sort=True)
-    if np.any(codes < 0):
-        raise ValueError(f"rows without a {group!r}")
-    n_groups = len(uniques)
-    if n_groups == 0:
-        return estimate, math.nan, math.nan
-    order = np.argsort(codes, kind="stable")  # rows of each group side by side
-    sizes = np.bincount(codes, minlength=n_groups)
-    starts = np.r_[0, np.cumsum(sizes)[:-1]]
-    draws = np.random.default_rng(seed).integers(0, n_groups, size=(n_boot, n_groups))
-    values = np.empty(n_boot)
-    for b, drawn in enumerate(draws):
-        lengths = sizes[drawn]
-        ends = np.cumsum(lengths)
-        # row positions: each drawn group's start, counted up along its run
-        rows = np.arange(ends[-1]) + np.repeat(starts[drawn] - (ends - lengths), lengths)
-        sample = frame.take(order[rows])
-        sample.index = pd.RangeIndex(len(rows))
-        values[b] = statistic(sample)
-    valid = values[~np.isnan(values)]
-    if valid.size < n_boot / 2:
-        log.warning("only %d of %d bootstrap samples valid: no interval", valid.size, n_boot)
-        return estimate, math.nan, math.nan
-    lower, upper = np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return estimate, float(lower), float(upper)
-
-
-def breakdown(
-    frame: pd.DataFrame,
-    by: str,
-    statistic: Callable[[pd.DataFrame], float],
-    **bootstrap_kw: Any,
-) -> pd.DataFrame:
-    """The statistic with its bootstrap interval for each value of ``by`` (e.g. modality).
-
-    Args:
-        frame: one row per case.
-        by: column to break down by.
-        statistic: as for :func:`bootstrap_ci`.
-        **bootstrap_kw: passed on to :func:`bootstrap_ci` (``group``, ``n_boot``,
-            ``alpha``, ``seed``).
-
-    Returns:
-        One row per value of ``by``, sorted: the value, n (rows), n_groups (patients),
-        estimate, ci_lower, ci_upper.
-    """
-    group = bootstrap_kw.get("group", "patient")
-    rows = []
-    for value, part in frame.groupby(by, sort=True):
-        estimate, lower, upper = bootstrap_ci(part, statistic, **bootstrap_kw)
-        rows.append(
-            {
-                by: value,
-                "n": len(part),
-                "n_groups": int(part[group].nunique()),
-                "estimate": estimate,
-                "ci_lower": lower,
-                "ci_upper": upper,
-            }
+        warnings.warn(
+            f"medimg.metrics.{name} moved to medimg.stats.{name}", DeprecationWarning, stacklevel=2
         )
-    columns = [by, "n", "n_groups", "estimate", "ci_lower", "ci_upper"]
-    return pd.DataFrame(rows, columns=columns)
+        return getattr(stats, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,10 +39,8 @@ import csv
 import io
 import json
 import logging
-import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,21 +50,23 @@ import numpy.typing as npt
 
 from medimg.config import IngestParams, PredictParams, PreprocessParams
 from medimg.errors import DicomError, MedImgError
-from medimg.ingest import (
-    IngestPaths,
-    Job,
-    Plan,
-    StackResult,
-    finalize_ingest,
-    ingest_stack,
-    plan_ingest,
+from medimg.inbox import (  # noqa: F401  (PredictPaths, Inbox, qc_gate, ...: their old home)
+    Inbox,
+    PredictPaths,
+    SeriesResult,
+    ingest_inbox,
+    ingest_rules,
+    qc_gate,
+    rejected_series,
+    source_files,
 )
 from medimg.io import atomic_write_text
+from medimg.tasks import get_task
+from medimg.typing import Progress
 from medimg.volume import save_nifti
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]
 PREDICTIONS_COLUMNS = [
     "key",
     "study",
@@ -117,15 +117,16 @@ def load_predictor(uri: str, client: Any, device: str = "auto") -> Predictor:
         ConfigError: no such model, or it is not a medimg model.
     """
     from medimg import tracking
-    from medimg.train import resolve_device
+    from medimg.runtime import resolve_device
 
     bundle = tracking.load_bundle(uri)
     found = tracking.registered_version(client, uri)
     meta, run_id = bundle.meta, bundle.run_id
     name, version = found if found else (uri, run_id)
-    task = str(meta["task"])
+    spec = get_task(str(meta["task"]))
+    task = spec.name
     threshold = (
-        tracking.decision_threshold(client, run_id) if task == "classify" and run_id else 0.5
+        tracking.decision_threshold(client, run_id) if spec.has_threshold and run_id else 0.5
     )
     dev = resolve_device(device)
     module = bundle.module.to(dev).eval()
@@ -144,25 +145,6 @@ def load_predictor(uri: str, client: Any, device: str = "auto") -> Predictor:
 
 
 # ----------------------------------------------------------------------------- one series
-
-
-@dataclass
-class SeriesResult:
-    """One series' outcome: a row of predictions.csv and of the report."""
-
-    key: str
-    study: str = ""
-    modality: str = ""
-    plane: str = ""
-    status: str = "predicted"  # predicted | rejected | failed
-    reason: str = ""
-    probability: float | None = None
-    label: int | None = None
-    lesion_voxels: int | None = None
-    lesion_ml: float | None = None
-    outputs: dict[str, str] = field(default_factory=dict)  # kind -> path within output
-    seconds: dict[str, float] = field(default_factory=dict)  # step -> seconds
-    n_files: int = 0
 
 
 def preprocess_volume(path: Path, modality: str, cfg: PreprocessParams) -> Any:
@@ -192,14 +174,13 @@ def infer(predictor: Predictor, image: Any) -> npt.NDArray[np.float32] | float:
     """Lesion probability per voxel (segment, on the model's grid) or of the volume."""
     import torch
 
-    from medimg.train import predict
-
+    spec = get_task(predictor.task)
     x = torch.as_tensor(np.asarray(image, dtype=np.float32))[None]  # (1, 1, R, A, S)
     with torch.no_grad():
-        out = predict(predictor.module, x, predictor.task, predictor.patch_size, predictor.device)
-    if predictor.task == "classify":
-        return float(out[0])
-    return np.asarray(out[0].numpy(), dtype=np.float32)
+        out = spec.predict(predictor.module, x, predictor.patch_size, predictor.device)
+    if spec.with_masks:
+        return np.asarray(out[0].numpy(), dtype=np.float32)
+    return float(out[0])
 
 
 def predict_series(
@@ -298,75 +279,6 @@ def _write_seg(
         log.warning("series %s: %s", res.key, res.reason)
 
 
-# ----------------------------------------------------------------------------- the folder
-
-
-@dataclass(frozen=True)
-class PredictPaths:
-    input: Path  # the folder of new DICOM studies
-    out: Path  # results
-
-    @property
-    def ingest(self) -> IngestPaths:
-        return IngestPaths(input=self.input, out=self.out / "ingest")
-
-
-def ingest_rules(cfg: IngestParams, deid: str) -> IngestParams:
-    """Training's ingest rules, for a folder of new studies: a damaged file is set aside
-    and reported (``raise`` would stop every other study), and in de-identified mode the
-    de-identified copies the SEG references are exported."""
-    update: dict[str, Any] = {"export_deid_dicom": deid == "deidentified"}
-    if cfg.on_invalid == "raise":
-        update["on_invalid"] = "warn"
-    return cfg.model_copy(update=update)
-
-
-def source_files(job: Job, paths: IngestPaths, deid: str) -> list[Path]:
-    """The files a series' SEG references: its de-identified copies, or the originals."""
-    if deid == "deidentified":
-        return sorted((paths.deid_dicom / job.key).glob("*.dcm"))
-    return list(dict.fromkeys(s.path for s in job.stack.slices))
-
-
-@dataclass
-class Inbox:
-    """A folder of new studies after ingest: what to predict and what was rejected."""
-
-    paths: PredictPaths
-    items: list[tuple[dict[str, Any], list[Path]]]  # (ingest record, SEG source files)
-    rejected: list[SeriesResult]  # failed ingest or the QC gate: reported, not predicted
-    seconds: float  # ingest time of the whole folder
-
-
-def ingest_inbox(
-    cfg: PredictParams, ingest_cfg: IngestParams, predictor: Predictor, paths: PredictPaths
-) -> Inbox:
-    """Ingest the folder with training's rules (:func:`ingest_rules`) into
-    ``output/ingest`` and apply the QC gate (:func:`qc_gate`).
-
-    Raises:
-        DicomError: the input folder does not exist.
-    """
-    t0 = time.perf_counter()
-    ingest_cfg = ingest_rules(ingest_cfg, cfg.deid)
-    ipaths = paths.ingest
-    shutil.rmtree(ipaths.records, ignore_errors=True)  # every series afresh: new studies
-    plan = plan_ingest(ingest_cfg, ipaths)
-    stacks = [ingest_stack(job, ingest_cfg, ipaths) for job in plan.jobs]
-    finalize_ingest(ingest_cfg, ipaths, plan, stacks)
-    rejected = rejected_series(plan, stacks)
-    items = []
-    for job, stack in zip(plan.jobs, stacks, strict=True):
-        if stack.record is None:
-            continue
-        gate = qc_gate(stack.record, predictor.preprocess)
-        if gate:
-            rejected.append(_result(stack.record, "rejected", gate))
-        else:
-            items.append((stack.record, source_files(job, ipaths, cfg.deid)))
-    return Inbox(paths, items, rejected, time.perf_counter() - t0)
-
-
 def predict(
     cfg: PredictParams,
     ingest_cfg: IngestParams,
@@ -382,7 +294,7 @@ def predict(
         DicomError: the input folder does not exist.
     """
     t0 = time.perf_counter()
-    inbox = ingest_inbox(cfg, ingest_cfg, predictor, PredictPaths(input_dir, out))
+    inbox = ingest_inbox(cfg, ingest_cfg, predictor.preprocess, PredictPaths(input_dir, out))
     results = list(inbox.rejected)
     for n, (record, sources) in enumerate(inbox.items, start=1):
         results.append(predict_series(record, sources, predictor, cfg, inbox.paths.ingest.out, out))
@@ -390,52 +302,6 @@ def predict(
             progress(n, len(inbox.items))
     total = time.perf_counter() - t0
     return finalize_predict(cfg, predictor, inbox.paths, results, inbox.seconds, total)
-
-
-def _result(record: dict[str, Any], status: str, reason: str) -> SeriesResult:
-    return SeriesResult(
-        key=record["key"],
-        study=str(record.get("study", "")),
-        modality=str(record.get("modality", "")),
-        plane=str(record.get("plane", "")),
-        status=status,
-        reason=reason,
-        n_files=int(record.get("n_slices", 0)),
-    )
-
-
-def qc_gate(record: dict[str, Any], cfg: PreprocessParams) -> str:
-    """Why an ingested series is not predicted ("" when it is): a stack kept with a QC
-    flag is predicted only if the model was trained on such stacks too."""
-    if record.get("status") == "ok":
-        return ""
-    if record.get("status") == "flagged" and cfg.include_flagged:
-        return ""
-    flags = ", ".join(record.get("flags") or []) or str(record.get("status"))
-    return f"QC: {flags} (the model was trained without such stacks)"
-
-
-def rejected_series(plan: Plan, stacks: list[StackResult]) -> list[SeriesResult]:
-    """Rejections of ingest, one row per series (or per reason, for files of no known
-    series), with the reason and detail ingest gave: no path, name or UID (the files are
-    listed in ``ingest/quarantine.csv``)."""
-    by: dict[tuple[str, str], SeriesResult] = {}
-    job_keys = {j.stack.series_uid: j.key for j in plan.jobs}
-    all_rejected = list(plan.rejected) + [r for s in stacks for r in s.rejected]
-    for r in all_rejected:
-        if r.reason in {"not_dicom", "dicomdir", "non_image"}:
-            continue  # not an image: nothing was asked of it
-        key = job_keys.get(r.series_uid, "") if r.series_uid else ""
-        if not key and "series " in r.detail:
-            key = r.detail.split("series ", 1)[1].split(":", 1)[0].strip()
-        slot = (key, r.reason) if key else ("", r.reason + r.detail)
-        if slot not in by:
-            detail = r.detail.split(": ", 1)[1] if r.detail.startswith("series ") else r.detail
-            by[slot] = SeriesResult(
-                key=key or "(files)", status="rejected", reason=f"{r.reason}: {detail}"
-            )
-        by[slot].n_files += 1
-    return list(by.values())
 
 
 def finalize_predict(
@@ -501,7 +367,7 @@ def _row(r: SeriesResult, predictor: Predictor) -> dict[str, Any]:
         "reason": r.reason,
         "probability": r.probability,
         "label": r.label,
-        "threshold": predictor.threshold if predictor.task == "classify" else 0.5,
+        "threshold": predictor.threshold,  # 0.5 for a task without one
         "lesion_voxels": r.lesion_voxels,
         "lesion_ml": r.lesion_ml,
         "model": predictor.name,

@@ -17,10 +17,9 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -30,11 +29,10 @@ from medimg.data.split import TEST, assign_all, split_summary
 from medimg.errors import DataError
 from medimg.io import atomic_dir, atomic_path, atomic_write_text
 from medimg.transforms import IMAGE, LABEL, preprocessing_transforms
+from medimg.typing import Progress
 from medimg.volume import save_nifti
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int], None]
 
 
 def _process_one(
@@ -98,58 +96,20 @@ def preprocess(
     manifest, dropped = _select(pd.read_parquet(manifest_path), cfg)
     if manifest.empty:
         raise DataError(f"{manifest_path}: no labelled volume passed QC; see qc.html there")
-    rows = manifest.to_dict("records")
+    rows = cast("list[dict[str, Any]]", manifest.to_dict("records"))  # columns are str
     # a patient is positive when any of its series is
     patient_labels = {str(k): int(v) for k, v in manifest.groupby("patient")["label"].max().items()}
     splits = assign_all(patient_labels, split_cfg)
     with atomic_dir(out) as stage:
         (stage / "images").mkdir()
         (stage / "masks").mkdir()
-        workers = cfg.workers or 2
-
-        def one(row: dict[str, Any]) -> dict[str, Any]:
-            return _process_one(row, interim, stage, cfg)
-
-        results: list[dict[str, Any]] = []
-        with ThreadPoolExecutor(workers) as pool:
-            for res in pool.map(one, rows):
-                results.append(res)
-                if progress:
-                    progress(len(results), len(rows))
-        table = pd.DataFrame(
-            [
-                {
-                    "key": row["key"],
-                    "patient": row["patient"],
-                    "study": row["study"],
-                    "modality": row["modality"],
-                    "vendor": row["vendor"],
-                    "plane": row["plane"],
-                    "label": int(row["label"]),
-                    "split": splits[row["patient"]],
-                    **res,
-                }
-                for row, res in zip(rows, results, strict=True)
-            ]
-        )
+        results = _process_all(rows, interim, stage, cfg, progress)
+        table = _table(rows, results, splits)
         with atomic_path(stage / "manifest.parquet", suffix=".tmp.parquet") as tmp:
             table.to_parquet(tmp, index=False)
         series_per_patient = Counter(table["patient"])
         summary = split_summary(splits, patient_labels, series_per_patient)
-        atomic_write_text(
-            stage / "splits.json",
-            json.dumps(
-                {
-                    "salt": split_cfg.salt,
-                    "test_fraction": split_cfg.test_fraction,
-                    "n_folds": split_cfg.n_folds,
-                    "patients": splits,
-                    "summary": summary,
-                },
-                indent=1,
-                sort_keys=True,
-            ),
-        )
+        _write_splits(stage / "splits.json", split_cfg, splits, summary)
         qc = data_checks(table, splits, cfg)
         qc["dropped"] = dropped
         qc["splits"] = summary
@@ -167,6 +127,70 @@ def preprocess(
         summary.get(TEST, {}),
     )
     return qc
+
+
+def _process_all(
+    rows: list[dict[str, Any]],
+    interim: Path,
+    stage: Path,
+    cfg: PreprocessParams,
+    progress: Progress | None,
+) -> list[dict[str, Any]]:
+    """:func:`_process_one` over ``rows`` in threads; results in the order of ``rows``."""
+    workers = cfg.workers or 2
+
+    def one(row: dict[str, Any]) -> dict[str, Any]:
+        return _process_one(row, interim, stage, cfg)
+
+    results: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(workers) as pool:
+        for res in pool.map(one, rows):
+            results.append(res)
+            if progress:
+                progress(len(results), len(rows))
+    return results
+
+
+def _table(
+    rows: list[dict[str, Any]], results: list[dict[str, Any]], splits: dict[str, str]
+) -> pd.DataFrame:
+    """The processed manifest: one row per volume, with its split and processing results."""
+    return pd.DataFrame(
+        [
+            {
+                "key": row["key"],
+                "patient": row["patient"],
+                "study": row["study"],
+                "modality": row["modality"],
+                "vendor": row["vendor"],
+                "plane": row["plane"],
+                "label": int(row["label"]),
+                "split": splits[row["patient"]],
+                **res,
+            }
+            for row, res in zip(rows, results, strict=True)
+        ]
+    )
+
+
+def _write_splits(
+    path: Path, split_cfg: SplitParams, splits: dict[str, str], summary: dict[str, Any]
+) -> None:
+    """``splits.json``: the split settings, every patient's split and the split summary."""
+    atomic_write_text(
+        path,
+        json.dumps(
+            {
+                "salt": split_cfg.salt,
+                "test_fraction": split_cfg.test_fraction,
+                "n_folds": split_cfg.n_folds,
+                "patients": splits,
+                "summary": summary,
+            },
+            indent=1,
+            sort_keys=True,
+        ),
+    )
 
 
 def data_checks(

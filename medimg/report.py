@@ -1,4 +1,5 @@
-"""What a human checks after prediction: a PNG montage per series, one HTML page per folder.
+"""What a human reads: a PNG montage per predicted series, one HTML page per prediction
+folder, and the model card beside each trained model.
 
 Montages show slices of the series as acquired (rows down, columns across, as a DICOM
 viewer shows them) with the predicted mask in red. The page lists every series with its
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from medimg.config import PredictParams
+from medimg.config import PredictParams, TaskTrainParams
 from medimg.io import atomic_path, atomic_write_text
 
 DPI = 100
@@ -133,3 +134,78 @@ def write_report(summary: dict[str, Any], path: Path) -> None:
         f"<style>{style}</style></head><body>{head}{table}{note}{montages}</body></html>\n"
     )
     atomic_write_text(path, page)
+
+
+class _Task(Protocol):  # what the card says of a task (a medimg.tasks.TaskSpec)
+    @property
+    def name(self) -> str: ...
+    @property
+    def output(self) -> str: ...
+    @property
+    def architecture(self) -> str: ...
+    @property
+    def slices(self) -> str: ...
+    @property
+    def val_metric_card(self) -> str: ...
+
+
+class _Result(Protocol):  # what the card says of a run (a medimg.train.TrainResult)
+    epochs_run: int
+    best_epoch: int
+    best_metric: float
+    initialisation: str
+
+
+def write_model_card(
+    path: Path,
+    task: _Task,
+    cfg: TaskTrainParams,
+    result: _Result,
+    *,
+    manifest: Path,
+    fold: int,
+    seed: int,
+) -> None:
+    """A short human-readable card: what the model is, what it saw, how to use it.
+
+    Args:
+        manifest: the processed manifest (splits, modalities, vendors).
+        fold: the validation fold; seed: the training seed.
+    """
+    import pandas as pd
+
+    table = pd.read_parquet(manifest)
+    train = table[(table["split"] != "test") & (table["split"] != str(fold))]
+    val = table[table["split"] == str(fold)]
+    lines = [
+        f"# medimg {task.name} model",
+        "",
+        f"**What it does.** {task.output}",
+        "",
+        f"**Architecture.** {cfg.arch} ({cfg.spatial_dims}D, {task.architecture}"
+        + (f", {task.slices}" if cfg.spatial_dims == 2 else "")
+        + f"), first-conv stride {cfg.conv1_stride}; initialised from `{cfg.pretrained}`"
+        + f" ({result.initialisation}).",
+        "",
+        "**Data.** Preprocessed volumes (see the `preprocess` section of the resolved config):"
+        f" {len(train)} training volumes of {train['patient'].nunique()} patients,"
+        f" {len(val)} validation volumes of {val['patient'].nunique()} patients (fold {fold});"
+        f" modalities {sorted(set(train['modality']))}, vendors {sorted(set(train['vendor']))}."
+        " Test patients were never seen in training or model selection.",
+        "",
+        f"**Training.** {result.epochs_run} epochs (best {result.best_epoch}, validation"
+        f" {task.val_metric_card} {result.best_metric:.3f}), AdamW lr {cfg.lr},"
+        f" batch {cfg.batch_size}, seed {seed}.",
+        "",
+        "**Evaluation.** Test-set metrics with 95 % patient-level bootstrap intervals are in"
+        f" `metrics/{task.name}.json` and in the MLflow run.",
+        "",
+        "**Intended use.** Research and pipeline validation. Not a medical device; not for"
+        " clinical decisions.",
+        "",
+        "**Limitations.** Trained on the data above only: other scanners, protocols, body"
+        " regions or lesion types are out of distribution. Inputs must go through the same"
+        " ingest and preprocessing (the config stored with the model).",
+        "",
+    ]
+    atomic_write_text(path, "\n".join(lines))

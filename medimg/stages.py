@@ -7,19 +7,18 @@ params are relative to that root. Heavy imports stay inside the functions.
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medimg.config import IngestParams, Params
-from medimg.dicom.synth import Progress
+from medimg.io import project_path
+from medimg.typing import Progress
 
 if TYPE_CHECKING:
     from medimg.ingest import IngestPaths
-
-
-def _at(root: Path, path: Path) -> Path:
-    return path if path.is_absolute() else root / path
 
 
 def synth(
@@ -35,10 +34,10 @@ def synth(
     d = params.data
     return synth_cohort(
         params.synth,
-        raw_dir=_at(root, d.raw),
-        masks_dir=_at(root, d.masks),
-        labels_csv=_at(root, d.labels),
-        truth_csv=_at(root, d.synth_truth),
+        raw_dir=project_path(root, d.raw),
+        masks_dir=project_path(root, d.masks),
+        labels_csv=project_path(root, d.labels),
+        truth_csv=project_path(root, d.synth_truth),
         progress=progress,
         force=force,
     )
@@ -50,10 +49,10 @@ def ingest_paths(params: Params, root: Path = Path(".")) -> IngestPaths:
 
     d = params.data
     return IngestPaths(
-        input=_at(root, d.raw),
-        out=_at(root, d.interim),
-        labels=_at(root, d.labels),
-        masks=_at(root, d.masks),
+        input=project_path(root, d.raw),
+        out=project_path(root, d.interim),
+        labels=project_path(root, d.labels),
+        masks=project_path(root, d.masks),
     )
 
 
@@ -82,7 +81,11 @@ def preprocess(
 
     d = params.data
     return run(
-        params.preprocess, params.split, _at(root, d.interim), _at(root, d.processed), progress
+        params.preprocess,
+        params.split,
+        project_path(root, d.interim),
+        project_path(root, d.processed),
+        progress,
     )
 
 
@@ -98,46 +101,61 @@ def train(
     resume: bool = False,
 ) -> Any:
     """Fine-tune the model of ``task`` (classify or segment) on the preprocessed data, and
-    log the run and the model to MLflow (unless ``tracking.enabled`` is false)."""
+    log the run and the model to MLflow (unless ``tracking.enabled`` is false).
+
+    ``train.<task>.pretrained`` may be a path relative to ``root`` or an MLflow model URI,
+    which is first downloaded to a local file through :mod:`medimg.tracking`.
+    """
+    from medimg.tasks import get_task
+    from medimg.train import TrainConfig
     from medimg.train import train as run
 
-    cfg = getattr(params.train, task)
+    spec = get_task(task)
+    cfg = spec.train_params(params.train)
     source = cfg.pretrained
     if source != "none" and not _mlflow_uri(source) and not Path(source).is_absolute():
-        cfg = cfg.model_copy(update={"pretrained": str(_at(root, Path(source)))})
-        params = params.model_copy(update={"train": params.train.model_copy(update={task: cfg})})
+        cfg = cfg.model_copy(update={"pretrained": str(project_path(root, Path(source)))})
+        train_cfg = params.train.model_copy(update={spec.name: cfg})
+        params = params.model_copy(update={"train": train_cfg})
     d = params.data
-    model_dir = _at(root, d.models) / task
-    metrics_file = _at(root, d.metrics) / f"{task}_train.json"
+    model_dir = project_path(root, d.models) / spec.name
+    metrics_file = project_path(root, d.metrics) / f"{spec.name}_train.json"
+    config = TrainConfig.from_params(params, spec)
 
     def fit(extra: Sequence[Callable[[Any], None]] = ()) -> Any:
         return run(
-            task,
-            params.train,
-            params.augment,
-            params.loader,
-            _at(root, d.processed),
+            spec,
+            config,
+            project_path(root, d.processed),
             model_dir,
             metrics_file=metrics_file,
             callbacks=[*callbacks, *extra],
             resume=resume,
-            resolved_config=params.model_dump(mode="json"),
         )
 
-    if _mlflow_uri(source):
+    with tempfile.TemporaryDirectory(prefix="medimg-pretrained-") as tmp:
+        if _mlflow_uri(source):
+            from medimg import tracking
+
+            tracking.configure(params, root)  # where the pretrained model is looked up
+            local = tracking.pretrained_file(source, Path(tmp))
+            config = dataclasses.replace(config, pretrained_file=local)
+        if not params.tracking.enabled or _rank() > 0:
+            return fit()
         from medimg import tracking
 
-        tracking.configure(params, root)  # where the pretrained model is looked up
-    if not params.tracking.enabled or _rank() > 0:
-        return fit()
-    from medimg import tracking
-
-    with tracking.train_run(
-        params, task, root, _at(root, d.processed), _at(root, d.interim), model_dir, resume
-    ) as tracked:
-        result = fit([tracked.on_epoch])
-        tracked.finish(result, metrics_file)
-    return result
+        with tracking.train_run(
+            params,
+            task,
+            root,
+            project_path(root, d.processed),
+            project_path(root, d.interim),
+            model_dir,
+            resume,
+        ) as tracked:
+            result = fit([tracked.on_epoch])
+            tracked.finish(result, metrics_file)
+        return result
 
 
 def _rank() -> int:
@@ -152,10 +170,10 @@ def evaluate(params: Params, task: str, root: Path = Path(".")) -> dict[str, Any
     from medimg.evaluate import evaluate as run
 
     d = params.data
-    model_dir = _at(root, d.models) / task
-    metrics_file = _at(root, d.metrics) / f"{task}.json"
-    plots_dir = _at(root, d.plots) / task
-    processed = _at(root, d.processed)
+    model_dir = project_path(root, d.models) / task
+    metrics_file = project_path(root, d.metrics) / f"{task}.json"
+    plots_dir = project_path(root, d.plots) / task
+    processed = project_path(root, d.processed)
     result = run(task, params, processed, model_dir / "model.pt", metrics_file, plots_dir)
     if params.tracking.enabled:
         from medimg import tracking
@@ -174,7 +192,7 @@ def _champion_scorer(params: Params, task: str, root: Path) -> Callable[[str], A
         from medimg.evaluate import score_test_set
 
         model = tracking.load_model(f"models:/{name}@{tracking.CHAMPION}")
-        return score_test_set(task, params, model, _at(root, params.data.processed))
+        return score_test_set(task, params, model, project_path(root, params.data.processed))
 
     return score
 
@@ -184,7 +202,7 @@ def register(params: Params, task: str, root: Path = Path(".")) -> Any:
     champion if it beats the current one on the same test patients."""
     from medimg import tracking
 
-    model_dir = _at(root, params.data.models) / task
+    model_dir = project_path(root, params.data.models) / task
     return tracking.register(params, task, root, model_dir, _champion_scorer(params, task, root))
 
 
@@ -234,7 +252,7 @@ def predict(
         cfg,
         ingest_params(params, root),
         predictor,
-        _at(root, input_dir or params.orchestration.inbox),
-        _at(root, output_dir or cfg.output),
+        project_path(root, input_dir or params.orchestration.inbox),
+        project_path(root, output_dir or cfg.output),
         progress,
     )

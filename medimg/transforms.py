@@ -112,20 +112,27 @@ def preprocessing_transforms(modality: str, cfg: PreprocessParams, with_label: b
 
 
 def training_transforms(
-    task: str, aug: AugmentParams, train: bool, with_label: bool = True, spatial_dims: int = 3
+    aug: AugmentParams,
+    *,
+    train: bool,
+    with_label: bool = True,
+    patches: bool = False,
+    spatial_dims: int = 3,
 ) -> Compose:
-    """Load preprocessed volumes; add random augmentation when ``train``.
+    """Load preprocessed volumes (and their label maps, ``with_label``); add random
+    augmentation when ``train``.
 
-    For segmentation in training, patches of ``aug.patch_size`` are sampled around lesions
-    and background in the ratio ``aug.positive_ratio``.
+    With ``patches`` (a task that learns from label maps: segmentation), training samples
+    patches of ``aug.patch_size`` around labelled and background voxels in the ratio
+    ``aug.positive_ratio``; otherwise whole volumes are augmented.
 
-    ``spatial_dims=2`` (a 2D model on axial slices): segmentation samples
-    ``aug.patches_per_volume`` axial slices per volume, each an in-plane patch of
-    ``aug.patch_size[:2]`` centred on a lesion or background voxel in the same ratio, with
-    the slice axis squeezed: (1, R, A). Classification keeps whole volumes (a bag of slices,
-    see :class:`~medimg.models.resnet.SliceResNet`). Augmentation is in-plane only (flips of
-    R and A, rotation about S, zoom in R and A), so slices stay slices. Without ``train``
-    the volume is returned whole, as in 3D.
+    ``spatial_dims=2`` (a 2D model on axial slices): with ``patches``,
+    ``aug.patches_per_volume`` axial slices are sampled per volume, each an in-plane patch
+    of ``aug.patch_size[:2]`` centred on a labelled or background voxel in the same ratio,
+    with the slice axis squeezed: (1, R, A). Without, whole volumes are kept (a bag of
+    slices, see :class:`~medimg.models.resnet.SliceResNet`). Augmentation is in-plane only
+    (flips of R and A, rotation about S, zoom in R and A), so slices stay slices. Without
+    ``train`` the volume is returned whole, as in 3D.
     """
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -136,8 +143,8 @@ def training_transforms(
     ]
     if not train:
         return Compose(chain)
-    slices = spatial_dims == 2 and task == "segment"
-    if task == "segment":
+    slices = spatial_dims == 2 and patches
+    if patches:
         patch = (*aug.patch_size[:2], 1) if slices else aug.patch_size
         chain.append(
             RandCropByPosNegLabeld(

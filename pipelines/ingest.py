@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task, unmapped
-from prefect.cache_policies import NONE
+from prefect import flow, get_run_logger, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from medimg import stages
@@ -26,30 +25,7 @@ from medimg.ingest import (
     plan_ingest,
     workers,
 )
-
-
-def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient I/O failures (storage, network file systems), not bad data."""
-    try:
-        state.result()
-    except OSError:
-        return True
-    except Exception:
-        return False
-    return False
-
-
-def io_task(name: str, **options: Any) -> Any:
-    """``@task`` for I/O steps: retried with back-off on OSError only, nothing persisted."""
-    return task(
-        name=name,
-        retries=2,
-        retry_delay_seconds=[5, 30],
-        retry_condition_fn=retry_on_io,
-        cache_policy=NONE,
-        persist_result=False,
-        **options,
-    )
+from pipelines.tasks import io_task
 
 
 @io_task("plan-ingest")

@@ -23,10 +23,9 @@ from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
 from medimg import stages
-from medimg.config import load_params
-from pipelines.ingest import retry_on_io
-
-TASKS = ("segment", "classify")
+from medimg.config import Params, load_params
+from medimg.tasks import TASKS
+from pipelines.tasks import retry_on_io
 
 
 def dvc_stages(root: Path) -> list[str]:
@@ -55,31 +54,29 @@ def reproduce_stage(root: Path, stage: str) -> bool:
 
 
 @task(name="register", task_run_name="register-{task_name}", cache_policy=NONE)
-def register_task(params_file: Path, root: Path, task_name: str) -> dict[str, Any]:
+def register_task(params: Params, root: Path, task_name: str) -> dict[str, Any]:
     """Register the task's evaluated model and run the promotion gate."""
-    params = load_params(params_file)
     decision = stages.register(params, task_name, root)
     return {k: v for k, v in vars(decision).items()}
 
 
-def _run_link(params_file: Path, root: Path, task_name: str) -> str:
-    record = root / load_params(params_file).data.models / task_name / "mlflow_run.json"
+def _run_link(params: Params, root: Path, task_name: str) -> str:
+    record = root / params.data.models / task_name / "mlflow_run.json"
     if not record.is_file():
         return "-"
     run_id = json.loads(record.read_text())["run_id"]
     from medimg.tracking import tracking_uri
 
-    uri = tracking_uri(load_params(params_file).tracking, root)
+    uri = tracking_uri(params.tracking, root)
     if uri.startswith("http"):
         return f"[{run_id[:8]}]({uri}/#/compare-runs?runs=[%22{run_id}%22])"
     return f"`{run_id}` (`make ui`)"
 
 
 def summary_markdown(
-    params_file: Path, root: Path, ran: dict[str, bool], decisions: dict[str, dict[str, Any]]
+    params: Params, root: Path, ran: dict[str, bool], decisions: dict[str, dict[str, Any]]
 ) -> str:
     """The run's report: stages, test metrics with CIs, gate decisions, QC counts."""
-    params = load_params(params_file)
     lines = ["# medimg pipeline run", "", "| stage | |", "|---|---|"]
     lines += [f"| {s} | {'ran' if r else 'up to date, skipped'} |" for s, r in ran.items()]
     lines += ["", "## Test metrics (95 % CI, bootstrap over patients)", ""]
@@ -88,7 +85,7 @@ def summary_markdown(
         path = root / params.data.metrics / f"{task_name}.json"
         if not path.is_file():
             continue
-        link = _run_link(params_file, root, task_name)
+        link = _run_link(params, root, task_name)
         for name, m in json.loads(path.read_text())["metrics"].items():
             if m:
                 ci = f"{m['ci_lower']} to {m['ci_upper']}"
@@ -123,10 +120,11 @@ def pipeline_flow(
     for stage in dvc_stages(project):
         ran[stage] = reproduce_stage(project, stage)
     decisions: dict[str, dict[str, Any]] = {}
-    if register and load_params(pfile).tracking.enabled:
+    params = load_params(pfile)  # after the stages: as the stages ran with it
+    if register and params.tracking.enabled:
         for task_name in TASKS:
-            decisions[task_name] = register_task(pfile, project, task_name)
-    report = summary_markdown(pfile, project, ran, decisions)
+            decisions[task_name] = register_task(params, project, task_name)
+    report = summary_markdown(params, project, ran, decisions)
     create_markdown_artifact(report, key="medimg-pipeline", description="medimg pipeline run")
     logger.info(
         "stages run: %s; skipped: %s",

@@ -17,6 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from medimg import stages, tracking
 from medimg.config import IngestParams, Params, PredictParams, load_params
+from medimg.io import project_path
 from medimg.predict import (
     Inbox,
     Predictor,
@@ -27,7 +28,7 @@ from medimg.predict import (
     load_predictor,
     predict_series,
 )
-from pipelines.ingest import io_task
+from pipelines.tasks import io_task
 
 
 @io_task("load-model")
@@ -40,7 +41,7 @@ def load_task(params: Params, root: Path, model_uri: str) -> Predictor:
 def ingest_task(
     cfg: PredictParams, ingest_cfg: IngestParams, predictor: Predictor, paths: PredictPaths
 ) -> Inbox:
-    return ingest_inbox(cfg, ingest_cfg, predictor, paths)
+    return ingest_inbox(cfg, ingest_cfg, predictor.preprocess, paths)
 
 
 # not retried: a series that fails is reported by predict_series itself
@@ -86,7 +87,7 @@ def predict_flow(
     logger = get_run_logger()
     cfg = params.predict
     predictor = load_task(params, root, model_uri or cfg.model)
-    paths = PredictPaths(stages._at(root, input_dir), stages._at(root, output_dir))
+    paths = PredictPaths(project_path(root, input_dir), project_path(root, output_dir))
     inbox = ingest_task(cfg, stages.ingest_params(params, root), predictor, paths)
     logger.info("%d series to predict, %d rejected", len(inbox.items), len(inbox.rejected))
     futures = series_task.map(
@@ -126,8 +127,8 @@ def predict_inbox_flow(params_file: str = "params.yaml", root: str = ".") -> dic
     project = Path(root).resolve()
     pfile = Path(params_file) if Path(params_file).is_absolute() else project / params_file
     params = load_params(pfile)
-    inbox = stages._at(project, params.orchestration.inbox)
-    out = stages._at(project, params.predict.output)
+    inbox = project_path(project, params.orchestration.inbox)
+    out = project_path(project, params.predict.output)
     state = out / ".inbox-state"
     digest = inbox_fingerprint(inbox)
     if not inbox.is_dir() or not any(p.is_file() for p in inbox.rglob("*")):

@@ -17,6 +17,7 @@ import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, ThreadDataLoader
 
 from medimg.config import LoaderParams
+from medimg.errors import ConfigError, DataError
 from medimg.transforms import IMAGE, LABEL
 
 log = logging.getLogger(__name__)
@@ -128,3 +129,21 @@ def build_loader(
     if prefetch:
         return ThreadDataLoader(dataset, num_workers=0, **common)
     return DataLoader(dataset, num_workers=0, **common)
+
+
+def fold_items(processed: Path, fold: int, with_label: bool) -> tuple[list, list]:
+    """Dataset items of the training folds and of validation fold ``fold``.
+
+    Raises:
+        ConfigError: ``fold`` is not a fold of the processed manifest.
+        DataError: the fold leaves no training or validation data, or one class.
+    """
+    table = pd.read_parquet(processed / "manifest.parquet")
+    folds = sorted(s for s in table["split"].unique() if s != "test")
+    if str(fold) not in folds:
+        raise ConfigError(f"train.fold {fold} is not among the folds {folds} in splits.json")
+    train = table[(table["split"] != "test") & (table["split"] != str(fold))]
+    val = table[table["split"] == str(fold)]
+    if train.empty or val.empty or train["label"].nunique() < 2:
+        raise DataError(f"{processed}: fold {fold} leaves no usable training or validation data")
+    return items(processed, train, with_label), items(processed, val, with_label)

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
+
+from medimg.dicom.read import dcmread
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Rejection:
     reason: str  # a code: not_dicom, dicomdir, non_image, unreadable, missing_tag, ...
     detail: str = ""  # free text without PHI: the tag, the SOP class, the transfer syntax
     series_uid: str = ""  # when known: the series this damaged file belonged to
+    key: str = ""  # when known: that series' pseudonymous key (ingest's stack key)
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,7 @@ def read_header(path: Path) -> Instance | Rejection:
         if stat.st_size == 0:
             return Rejection(path, "not_dicom", "empty file")
         with path.open("rb") as f:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            ds = dcmread(f, stop_before_pixels=True)
             header_end = f.tell()  # pydicom leaves the file at the Pixel Data tag
     except InvalidDicomError:
         return Rejection(path, "not_dicom", "no DICOM preamble and header")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import pydicom
 from pydicom.uid import UID
 
 from medimg.dicom.discover import Instance
+from medimg.dicom.read import dcmread
 from medimg.dicom.series import Slice, Stack
 from medimg.errors import DicomError
 
@@ -98,7 +98,7 @@ def _fast_native(inst: Instance, scratch: npt.NDArray | None = None) -> npt.NDAr
 def _pydicom_frames(inst: Instance) -> npt.NDArray:
     """All frames of a file through pydicom, shaped (frames, rows, columns)."""
     try:
-        ds = pydicom.dcmread(inst.path)
+        ds = dcmread(inst.path)
         arr = ds.pixel_array
     except BaseException as e:
         # A Rust decoder's panic on damaged data (pyo3's PanicException) is no Exception.

@@ -29,6 +29,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from medimg.dicom.geometry import LPS_TO_RAS, direction_cosines
+from medimg.dicom.read import dcmread
 from medimg.errors import DicomError
 from medimg.io import atomic_path
 
@@ -135,7 +136,7 @@ def read_sources(paths: Sequence[Path]) -> list[Dataset]:
     found: dict[str, Dataset] = {}
     for path in dict.fromkeys(paths):
         try:
-            ds = pydicom.dcmread(path)
+            ds = dcmread(path)
         except (pydicom.errors.InvalidDicomError, OSError) as e:
             raise DicomError(f"{path}: cannot read as DICOM ({type(e).__name__})") from e
         found.setdefault(str(ds.SOPInstanceUID), ds)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,18 +44,25 @@ from torch import Tensor, nn
 from medimg.errors import ConfigError
 from medimg.models.resnet import HEAD
 from medimg.models.unet import ENCODER
+from medimg.models.weights import FORMATS, detect_format, read_state_dict, strip_wrapper
 
 log = logging.getLogger(__name__)
 
-Target = Literal["classifier", "segmenter"]
-TARGETS: tuple[str, ...] = ("classifier", "segmenter")
-FORMATS: tuple[str, ...] = ("medicalnet", "torchvision", "medimg")
+# The model a weights file is loaded into, named by its task (medimg.tasks): the
+# classifier (a ResNet; backbone = all but the head) or the segmenter (a FlexibleUNet;
+# backbone = its ResNet encoder, under ``encoder.``).
+Target = Literal["classify", "segment"]
+TARGETS: tuple[str, ...] = ("classify", "segment")
+_PREFIX = {"classify": "", "segment": f"{ENCODER}."}  # where each model keeps its backbone
+_OLD_NAMES = {"classifier": "classify", "segmenter": "segment"}  # before medimg 0.2
+_NOUN = {task: noun for noun, task in _OLD_NAMES.items()}  # what messages call the model
 
-_WRAPPER = "module."  # DataParallel prefix (MedicalNet)
+__all__ = ["FORMATS", "TARGETS", "LoadReport", "Target", "detect_format", "read_state_dict"]
+
 _SOURCE_HEADS = (f"{HEAD}.", "conv_seg.")  # torchvision/MONAI head; MedicalNet's seg head
 _SEG_HEADS = ("decoder.", "segmentation_head.")  # FlexibleUNet parts outside the encoder
 _COUNTER = "num_batches_tracked"  # BatchNorm step counters: loaded, never counted
-_MLFLOW_SCHEMES = ("models:/", "runs:/")
+_MLFLOW_SCHEMES = ("models:/", "runs:/")  # resolved to a local file by medimg.tracking
 
 
 @dataclass
@@ -94,148 +101,49 @@ class LoadReport:
         )
 
 
-# ----------------------------------------------------------------------------- reading
-
-
-def _strip(key: str) -> str:
-    return key[len(_WRAPPER) :] if key.startswith(_WRAPPER) else key
-
-
-def detect_format(state: Mapping[str, Any]) -> str:
-    """Name the layout of a loaded checkpoint: ``"medicalnet"``, ``"torchvision"`` or ``"medimg"``.
-
-    ``state`` is what ``torch.load`` returned (a wrapper dict with ``"state_dict"`` or
-    ``"model"``), or an already unwrapped state dict.
-
-    Raises:
-        ConfigError: the layout is none of these; the message says what was found.
-    """
-    if isinstance(state.get("model"), Mapping) and "config" in state:
-        return "medimg"
-    inner = state.get("state_dict", state)
-    if not isinstance(inner, Mapping):
-        inner = state
-    conv1 = next(
-        (v for k, v in inner.items() if _strip(str(k)) == "conv1.weight" and isinstance(v, Tensor)),
-        None,
-    )
-    if conv1 is not None and conv1.dim() == 5:
-        return "medicalnet"
-    if conv1 is not None and conv1.dim() == 4:
-        return "torchvision"
-    keys = [str(k) for k in inner][:5]
-    found = (
-        f"conv1.weight of shape {tuple(conv1.shape)}" if conv1 is not None else "no conv1.weight"
-    )
-    raise ConfigError(
-        f"unrecognised checkpoint layout: {len(inner)} entries, first keys {keys}, {found}; "
-        "expected a MedicalNet 3D ResNet ({'state_dict': {'module.conv1.weight': 5-D, ...}}), "
-        "a torchvision 2D ResNet state dict (conv1.weight 4-D, fc.*) or a medimg checkpoint "
-        "({'model': ..., 'config': ...})"
-    )
-
-
-def _load_file(path: Path) -> Any:
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as err:
-            raise ConfigError(
-                f"{path.name}: reading .safetensors needs the 'safetensors' package, which is "
-                "not installed; install it, or convert the file to a torch .pth state dict"
-            ) from err
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as err:
-            raise ConfigError(f"{path.name}: not a readable safetensors file ({err})") from err
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower():
-            raise ConfigError(
-                f"{path.name}: holds Python objects that safe loading (weights_only=True) "
-                "refuses, so it is not a plain state dict; from trusted code, re-save it with "
-                "torch.save(model.state_dict(), path)"
-            ) from err
-        raise ConfigError(
-            f"{path.name}: not a PyTorch checkpoint ({type(err).__name__}: {err}); "
-            "point train.<task>.pretrained at a .pth/.pt state dict, or 'none'"
-        ) from err
-    except Exception as err:  # torch raises KeyError, EOFError, RuntimeError... on junk
-        raise ConfigError(
-            f"{path.name}: not a PyTorch checkpoint ({type(err).__name__}: {err}); "
-            "point train.<task>.pretrained at a .pth/.pt state dict, or 'none'"
-        ) from err
-
-
-def read_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
-    """Read a weights file into a flat ``{name: tensor}`` dict and name its format.
-
-    ``"state_dict"`` and ``"model"`` wrappers are unwrapped; key names are left as stored
-    (:func:`map_keys` renames them).
-
-    Raises:
-        ConfigError: the file is missing, unreadable, refused by ``weights_only`` loading,
-            not a state dict, or of an unknown layout.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"pretrained weights file {path} not found; set train.<task>.pretrained to an "
-            "existing local file (MedicalNet/torchvision .pth, medimg checkpoint) or 'none'"
-        )
-    obj = _load_file(path)
-    if not isinstance(obj, Mapping):
-        raise ConfigError(
-            f"{path.name}: holds a {type(obj).__name__}, not a state dict (a dict of tensors); "
-            "save weights with torch.save(model.state_dict(), path)"
-        )
-    fmt = detect_format(obj)
-    inner: Any = obj
-    for wrapper in ("model", "state_dict"):
-        if isinstance(inner.get(wrapper), Mapping):
-            inner = inner[wrapper]
-            break
-    state = {str(k): v for k, v in inner.items() if isinstance(v, Tensor)}
-    if not state:
-        raise ConfigError(
-            f"{path.name}: contains no tensors (keys {list(inner)[:5]}); not a state dict"
-        )
-    return state, fmt
-
-
 # ----------------------------------------------------------------------------- mapping
 
 
-def _check_target(target: str) -> None:
+def _check_target(target: str) -> Target:
+    """``target`` as a task name; the names before medimg 0.2 still work, with a warning."""
+    if target in _OLD_NAMES:
+        warnings.warn(
+            f"target {target!r} is deprecated; use the task name {_OLD_NAMES[target]!r}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        target = _OLD_NAMES[target]
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    return target  # type: ignore[return-value]
 
 
-def _medimg_task(keys: Iterable[str]) -> str:
-    return "segmenter" if any(k.startswith(f"{ENCODER}.") for k in keys) else "classifier"
+def _medimg_task(keys: Iterable[str]) -> Target:
+    """The model a medimg checkpoint holds: the one whose backbone prefix its keys use."""
+    enc = _PREFIX["segment"]
+    return "segment" if any(k.startswith(enc) for k in keys) else "classify"
 
 
-def _rename(keys: Iterable[str], fmt: str, target: Target) -> dict[str, str]:
+def _rename(keys: Iterable[str], fmt: str, target: str) -> dict[str, str]:
     """Target name -> source name for the source keys that are kept (see :func:`map_keys`)."""
-    _check_target(target)
+    target = _check_target(target)
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    flat = {_strip(k): k for k in keys}
-    enc = f"{ENCODER}."
+    flat = {strip_wrapper(k): k for k in keys}
+    src_prefix = ""
     if fmt == "medimg":
-        source_task = _medimg_task(flat)
-        if source_task == target:
+        source = _medimg_task(flat)
+        if source == target:
             return flat
-        if source_task == "segmenter":  # segmenter -> classifier: the encoder, unprefixed
-            return {k[len(enc) :]: src for k, src in flat.items() if k.startswith(enc)}
-    backbone = {k: src for k, src in flat.items() if not k.startswith(_SOURCE_HEADS)}
-    if target == "segmenter":
-        return {enc + k: src for k, src in backbone.items()}
-    return backbone
+        src_prefix = _PREFIX[source]
+    if src_prefix:  # the source's backbone is under a prefix: take only it, unprefixed
+        backbone = {k[len(src_prefix) :]: v for k, v in flat.items() if k.startswith(src_prefix)}
+    else:
+        backbone = {k: v for k, v in flat.items() if not k.startswith(_SOURCE_HEADS)}
+    return {_PREFIX[target] + k: src for k, src in backbone.items()}
 
 
-def map_keys(state: Mapping[str, Tensor], fmt: str, target: Target) -> dict[str, Tensor]:
+def map_keys(state: Mapping[str, Tensor], fmt: str, target: str) -> dict[str, Tensor]:
     """Rename source keys to the target model's names; keys of no use are dropped.
 
     * every format: strip the ``module.`` wrapper prefix;
@@ -247,7 +155,7 @@ def map_keys(state: Mapping[str, Tensor], fmt: str, target: Target) -> dict[str,
 
     Example:
         >>> w = torch.zeros(1)
-        >>> list(map_keys({"module.conv1.weight": w, "fc.weight": w}, "torchvision", "segmenter"))
+        >>> list(map_keys({"module.conv1.weight": w, "fc.weight": w}, "torchvision", "segment"))
         ['encoder.conv1.weight']
     """
     return {new: state[old] for new, old in _rename(state, fmt, target).items()}
@@ -300,11 +208,10 @@ def adapt(tensor: Tensor, target_shape: tuple[int, ...] | torch.Size) -> Tensor 
 # ----------------------------------------------------------------------------- loading
 
 
-def is_backbone(name: str, target: Target) -> bool:
+def is_backbone(name: str, target: str) -> bool:
     """Whether a parameter/buffer name belongs to the pretrained backbone of ``target``."""
-    if target == "classifier":
-        return not name.startswith(f"{HEAD}.")
-    return name.startswith(f"{ENCODER}.")
+    prefix = _PREFIX[_check_target(target)]
+    return name.startswith(prefix) if prefix else not name.startswith(f"{HEAD}.")
 
 
 def _counted(name: str) -> bool:
@@ -320,35 +227,62 @@ def _three_into_two(mapped: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> 
     )
 
 
+def _too_little(
+    report: LoadReport, label: str, fmt: str, target: Target, min_fraction: float, is_3d: bool
+) -> ConfigError:
+    """The error of a load that filled too little of the backbone, with the likely cause."""
+    if is_3d:
+        return ConfigError(
+            f"{label}: holds 3D weights (5-D convolutions, {fmt} format) and the "
+            f"{_NOUN[target]} is 2D (train.<task>.spatial_dims: 2); 3D kernels are not cut "
+            "down to 2D. Start a 2D model from a torchvision 2D state dict or a 2D medimg "
+            "checkpoint, or set spatial_dims: 3."
+        )
+    examples = (report.missing + report.skipped_shape)[:3]
+    return ConfigError(
+        f"{label}: only {len(report.loaded)}/{report.n_model_backbone} backbone tensors "
+        f"of the {_NOUN[target]} loaded ({report.fraction:.1%} < min {min_fraction:.0%}): "
+        f"{len(report.missing)} missing, {len(report.skipped_shape)} wrong shape "
+        f"(e.g. {examples}), {len(report.unexpected)} unused in the file ({fmt} format). "
+        "Wrong architecture depth (train.<task>.arch vs the file)? Wrong file? Lower "
+        "train.<task>.min_loaded_fraction only if a partial load is intended."
+    )
+
+
 def load_pretrained(
-    model: nn.Module, source: str | Path, target: Target, min_fraction: float = 0.9
+    model: nn.Module,
+    source: str | Path,
+    target: str,
+    min_fraction: float = 0.9,
+    name: str | None = None,
 ) -> LoadReport:
     """Load local pretrained weights into ``model`` (non-strict) and report what loaded.
 
     Args:
-        model: built by :func:`~medimg.models.resnet.build_classifier` (``target=
-            "classifier"``) or :func:`~medimg.models.unet.build_segmenter` (``"segmenter"``).
-        source: ``"none"`` (do nothing), a local weights file, or an MLflow model URI
-            (``models:/medimg-segmenter@champion``, ``runs:/<id>/model``) of the
-            configured tracking store.
-        target: which kind of model ``model`` is.
+        model: built by :func:`~medimg.models.build.build_model` for ``target``.
+        source: ``"none"`` (do nothing) or a local weights file. An MLflow model URI is
+            first resolved to a local file by :func:`medimg.tracking.pretrained_file`
+            (``medimg train`` does so).
+        target: the task ``model`` is built for (``"classify"`` or ``"segment"``).
         min_fraction: fail when a smaller share of the backbone's tensors loads.
+        name: what messages call the source (default: the file's name), e.g. the URI a
+            local file was resolved from.
 
     Raises:
-        ConfigError: unreadable file, or ``report.fraction < min_fraction`` (the model is then
-            left unchanged).
+        ConfigError: an MLflow URI, an unreadable file, or ``report.fraction <
+            min_fraction`` (the model is then left unchanged).
     """
-    _check_target(target)
+    target = _check_target(target)
     if str(source).strip().lower() == "none":
         return LoadReport(source_format="none", n_model_backbone=0)
     if str(source).startswith(_MLFLOW_SCHEMES):
-        from medimg.tracking import load_state_dict
-
-        state, fmt, label = load_state_dict(str(source)), "medimg", str(source)
-    else:
-        path = Path(source)
-        state, fmt = read_state_dict(path)
-        label = path.name
+        raise ConfigError(
+            f"{source}: an MLflow model URI; resolve it to a local file first with "
+            "medimg.tracking.pretrained_file (medimg train does this for train.<task>.pretrained)"
+        )
+    path = Path(source)
+    state, fmt = read_state_dict(path)
+    label = name or path.name
     source_name = _rename(state, fmt, target)  # target name -> source name
     mapped = {new: state[old] for new, old in source_name.items()}
 
@@ -377,22 +311,7 @@ def load_pretrained(
     report.loaded_head = [k for k in to_load if not is_backbone(k, target) and _counted(k)]
 
     if report.fraction < min_fraction:
-        examples = (report.missing + report.skipped_shape)[:3]
-        if _three_into_two(mapped, own):
-            raise ConfigError(
-                f"{label}: holds 3D weights (5-D convolutions, {fmt} format) and the "
-                f"{target} is 2D (train.<task>.spatial_dims: 2); 3D kernels are not cut down "
-                "to 2D. Start a 2D model from a torchvision 2D state dict or a 2D medimg "
-                "checkpoint, or set spatial_dims: 3."
-            )
-        raise ConfigError(
-            f"{label}: only {len(report.loaded)}/{report.n_model_backbone} backbone tensors "
-            f"of the {target} loaded ({report.fraction:.1%} < min {min_fraction:.0%}): "
-            f"{len(report.missing)} missing, {len(report.skipped_shape)} wrong shape "
-            f"(e.g. {examples}), {len(report.unexpected)} unused in the file ({fmt} format). "
-            "Wrong architecture depth (train.<task>.arch vs the file)? Wrong file? Lower "
-            "train.<task>.min_loaded_fraction only if a partial load is intended."
-        )
+        raise _too_little(report, label, fmt, target, min_fraction, _three_into_two(mapped, own))
     model.load_state_dict(to_load, strict=False)
     for name, shapes in skipped.items():
         log.debug("pretrained: %s skipped, shape %s", name, shapes)
@@ -403,23 +322,23 @@ def load_pretrained(
 # ----------------------------------------------------------------------------- fine-tuning
 
 
-def freeze_encoder(model: nn.Module, target: Target, frozen: bool) -> None:
+def freeze_encoder(model: nn.Module, target: str, frozen: bool) -> None:
     """Set ``requires_grad`` of the backbone's parameters to ``not frozen``; the rest untouched."""
-    _check_target(target)
+    target = _check_target(target)
     for name, param in model.named_parameters():
         if is_backbone(name, target):
             param.requires_grad_(not frozen)
 
 
 def param_groups(
-    model: nn.Module, target: Target, lr: float, head_lr_mult: float
+    model: nn.Module, target: str, lr: float, head_lr_mult: float
 ) -> list[dict[str, Any]]:
     """Two AdamW parameter groups: the backbone at ``lr``, the rest at ``lr * head_lr_mult``.
 
     Frozen parameters are included (AdamW skips those without gradients), so unfreezing
     later needs no new optimiser.
     """
-    _check_target(target)
+    target = _check_target(target)
     backbone: list[nn.Parameter] = []
     head: list[nn.Parameter] = []
     for name, param in model.named_parameters():

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from tests.conftest import Processed
+from tests.helpers import Processed
 
 
 def _load(p: Processed) -> tuple[pd.DataFrame, dict]:

@@ -1,5 +1,7 @@
 """Servers shared by the whole test session: one temporary Prefect server (its start costs
-10-20 s) and one real MLflow tracking server (about 10-15 s on two cores)."""
+10-20 s) and one real MLflow tracking server (about 10-15 s on two cores); and the two
+session runs built on them: the DVC project (project.py) and the tracked pipeline
+(tracked.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import Cohort
 from tests.integration.mlflow_server import start_mlflow_server
-from tests.integration.project import dvc_project  # noqa: F401  (a session fixture)
-from tests.integration.tracked import tracked  # noqa: F401  (a session fixture)
+from tests.integration.project import DvcProject, metrics_files, new_project
+from tests.integration.tracked import Tracked, run_tracked_pipeline
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # MLflow clients in this process report usage unless told not to (the server gets its own).
@@ -42,3 +45,25 @@ def mlflow_server(mlflow_server_dir: Path) -> Iterator[str]:
     """
     with start_mlflow_server(mlflow_server_dir) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def dvc_project(tmp_path_factory: pytest.TempPathFactory) -> DvcProject:
+    """The repository copied into a fresh git repo with tiny params, after one `dvc repro`
+    from nothing. Tests may change it but must leave the pipeline up to date."""
+    project = new_project(tmp_path_factory.mktemp("dvc") / "project")
+    out = project.dvc("repro")
+    project.commit("first results")
+    return DvcProject(project, out, metrics_files(project.root))
+
+
+@pytest.fixture(scope="session")
+def tracked(
+    mlflow_server: str,
+    mlflow_server_dir: Path,
+    tiny_cohort: Cohort,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Tracked:
+    """The tracked pipeline's outcome (see tracked.py's docstring); do not modify."""
+    root = tmp_path_factory.mktemp("tracked")
+    return run_tracked_pipeline(tiny_cohort, root, mlflow_server, mlflow_server_dir)

@@ -1,23 +1,23 @@
 """A copy of this repository with tiny params, as a git + DVC project, for integration
-tests that run the real ``dvc`` (and Prefect flows over it)."""
+tests that run the real ``dvc`` (and Prefect flows over it). The session's project is the
+``dvc_project`` fixture (tests/integration/conftest.py); the copy itself is the benchmarks'
+:func:`bench.cohort.copy_project`, the one implementation of it."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import yaml
 
+from bench.cohort import copy_project
 from medimg.config import Params, SplitParams, TaskTrainParams, TrainParams
-from tests.conftest import TINY_SYNTH, tool_path
+from tests.helpers import TINY_SYNTH, tool_path
 
-REPO = Path(__file__).resolve().parents[2]
 STAGES = [
     "synth",
     "ingest",
@@ -27,21 +27,6 @@ STAGES = [
     "train_classify",
     "evaluate_classify",
 ]
-
-
-def copy_project(dest: Path) -> None:
-    """The repository's files (tracked, or new and not ignored), without outputs."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")
-    for name in filter(None, listed):
-        src = REPO / name.decode()
-        if src.is_file():
-            (dest / name.decode()).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name.decode())
 
 
 def tiny_params() -> dict:
@@ -117,16 +102,6 @@ class DvcProject:
     project: Project
     first_repro: str  # what the first `dvc repro` printed
     first_metrics: dict[str, str]  # metrics files after it
-
-
-@pytest.fixture(scope="session")
-def dvc_project(tmp_path_factory: pytest.TempPathFactory) -> DvcProject:
-    """The repository copied into a fresh git repo with tiny params, after one `dvc repro`
-    from nothing. Tests may change it but must leave the pipeline up to date."""
-    project = new_project(tmp_path_factory.mktemp("dvc") / "project")
-    out = project.dvc("repro")
-    project.commit("first results")
-    return DvcProject(project, out, metrics_files(project.root))
 
 
 def new_project(root: Path) -> Project:

@@ -35,7 +35,7 @@ from medimg.config import (
     TrackingParams,
     TrainParams,
 )
-from tests.conftest import TINY_SYNTH, Processed, tool_path, write_cohort
+from tests.helpers import TINY_SYNTH, Processed, tool_path, write_cohort
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -23,7 +23,7 @@ from medimg import stages, tracking
 from medimg.config import TaskTrainParams, TrackingParams
 from medimg.evaluate import load_model
 from medimg.models.pretrained import load_pretrained
-from tests.conftest import CANARY
+from tests.helpers import CANARY
 from tests.integration.mlflow_server import start_mlflow_server
 from tests.integration.tracked import Tracked
 
@@ -100,7 +100,7 @@ def test_registry_versions_aliases_and_gate_tags(tracked: Tracked) -> None:
     assert len(client.search_model_versions(f"name='{name}'")) == 2
 
 
-def test_registered_model_loads_back_by_uri(tracked: Tracked) -> None:
+def test_registered_model_loads_back_by_uri(tracked: Tracked, tmp_path: Path) -> None:
     mlflow.set_tracking_uri(tracked.url)
     mlflow.set_registry_uri(tracked.url)
     model = tracking.load_model("models:/medimg-classifier/2")
@@ -118,10 +118,11 @@ def test_registered_model_loads_back_by_uri(tracked: Tracked) -> None:
     # and as pretrained initialisation: every tensor, head included
     fresh = tracking.load_model("models:/medimg-classifier/1")
     target = torch.nn.Module()
-    from medimg.train import build_model
+    from medimg.models.build import build_model
 
     target = build_model("classify", TaskTrainParams(arch="resnet10"))
-    report = load_pretrained(target, "models:/medimg-classifier/1", "classifier")
+    local = tracking.pretrained_file("models:/medimg-classifier/1", tmp_path)
+    report = load_pretrained(target, local, "classify", name="models:/medimg-classifier/1")
     assert report.fraction == 1.0 and not report.missing and len(report.loaded_head) == 2
     for key, value in fresh.state_dict().items():
         torch.testing.assert_close(target.state_dict()[key], value)

@@ -33,7 +33,7 @@ from medimg.config import (
     TrackingParams,
     TrainParams,
 )
-from tests.conftest import CANARY, Cohort, plant_canaries
+from tests.helpers import CANARY, Cohort, plant_canaries
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

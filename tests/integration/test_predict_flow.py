@@ -10,8 +10,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.conftest import write_cohort
-from tests.unit.test_predict import EXACT_SYNTH, known_model, project_params, register_known
+from tests.helpers import write_cohort
+from tests.known_models import EXACT_SYNTH, known_model, project_params, register_known
 
 
 @pytest.mark.slow
@@ -20,7 +20,7 @@ def test_predict_flow_on_inbox(
 ) -> None:
     from pipelines.predict import predict_flow
 
-    monkeypatch.setattr("medimg.train.build_model", known_model)
+    monkeypatch.setattr("medimg.models.build.build_model", known_model)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cohort = write_cohort(tmp_path / "cohort", EXACT_SYNTH.model_copy(update={"n_patients": 2}))
     params = project_params(tmp_path, cohort)
@@ -72,7 +72,7 @@ def test_predict_inbox_flow_runs_once_per_inbox_change(
     from medimg.config import OrchestrationParams
     from pipelines.predict import predict_inbox_flow
 
-    monkeypatch.setattr("medimg.train.build_model", known_model)
+    monkeypatch.setattr("medimg.models.build.build_model", known_model)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cohort = write_cohort(tmp_path / "cohort", EXACT_SYNTH.model_copy(update={"n_patients": 2}))
     params = project_params(tmp_path, cohort, output=Path("results"))

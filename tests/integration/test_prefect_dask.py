@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from medimg.config import DataParams, IngestParams, Params
-from tests.conftest import Cohort
+from tests.helpers import Cohort
 
 pytestmark = pytest.mark.slow
 

@@ -28,7 +28,7 @@ import pytest
 
 from medimg import stages
 from medimg.config import DataParams, IngestParams, Params
-from tests.conftest import Cohort
+from tests.helpers import Cohort
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

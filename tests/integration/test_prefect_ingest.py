@@ -9,7 +9,7 @@ import pytest
 
 from medimg import stages
 from medimg.config import DataParams, IngestParams, Params
-from tests.conftest import Cohort
+from tests.helpers import Cohort
 
 
 def _params(cohort: Cohort, out: Path, salt: Path, **ingest: object) -> Params:

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from medimg.config import Params
-from tests.conftest import tool_path
+from tests.helpers import tool_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

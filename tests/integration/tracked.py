@@ -2,7 +2,8 @@
 
 Ingest (PHI canaries planted in the input), preprocess, train the classifier, evaluate,
 register (version 1 becomes champion); then train again from ``models:/...@champion``,
-evaluate and register (version 2, judged by the gate).
+evaluate and register (version 2, judged by the gate). The session's outcome is the
+``tracked`` fixture (tests/integration/conftest.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from medimg import stages
@@ -24,7 +24,7 @@ from medimg.config import (
     TrackingParams,
     TrainParams,
 )
-from tests.conftest import Cohort, plant_canaries
+from tests.helpers import Cohort, plant_canaries
 
 
 @dataclass(frozen=True)
@@ -88,15 +88,3 @@ def _run_id(root: Path) -> str:
     import json
 
     return str(json.loads((root / "models/classify/mlflow_run.json").read_text())["run_id"])
-
-
-@pytest.fixture(scope="session")
-def tracked(
-    mlflow_server: str,
-    mlflow_server_dir: Path,
-    tiny_cohort: Cohort,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Tracked:
-    """The tracked pipeline's outcome (see the module docstring); do not modify."""
-    root = tmp_path_factory.mktemp("tracked")
-    return run_tracked_pipeline(tiny_cohort, root, mlflow_server, mlflow_server_dir)

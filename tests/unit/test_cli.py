@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from tests.conftest import TINY_SYNTH, tool_path
+from tests.helpers import TINY_SYNTH, tool_path
+
+REPO = Path(__file__).resolve().parents[2]
+# Every command medimg/cli.py registers: the pipeline's stages, then its two services.
+COMMANDS = [
+    "synth",
+    "ingest",
+    "preprocess",
+    "train",
+    "evaluate",
+    "register",
+    "promote",
+    "predict",
+    "ui",
+    "prefect-server",
+]
 
 
 def _medimg(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -27,10 +43,32 @@ def test_import_of_cli_stays_light() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def _listed_commands(help_text: str) -> list[str]:
+    """The command names in ``--help``'s Commands section (a rich panel, or click's list):
+    the first word of each entry, not the continuation lines of a wrapped description."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "Commands" in line)
+    entry = re.compile(r"^(?:│ |  )([a-z][a-z-]*)\s")
+    return [m.group(1) for line in lines[start + 1 :] if (m := entry.match(line))]
+
+
+def _commands_run_by_the_project() -> set[str]:
+    """The ``medimg`` commands dvc.yaml's stages and the Makefile's recipes run."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    words = [str(stage["cmd"]).split() for stage in stages.values()]
+    used = {w[1] for w in words if w[0] == "medimg"}
+    recipes = (REPO / "Makefile").read_text()
+    return used | set(re.findall(r"^\t\$\(BIN\)/medimg ([a-z][a-z-]*)", recipes, re.MULTILINE))
+
+
 def test_help_lists_the_stages(tmp_path: Path) -> None:
     proc = _medimg("--help", cwd=tmp_path)
     assert proc.returncode == 0
-    assert "synth" in proc.stdout
+    listed = _listed_commands(proc.stdout)
+    assert sorted(listed) == sorted(COMMANDS), proc.stdout
+    used = _commands_run_by_the_project()
+    assert {"synth", "ingest", "preprocess", "train", "evaluate", "register"} <= used
+    assert used <= set(listed)
 
 
 def test_synth_command_writes_cohort(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from medimg.config import Params, load_params, parse_params
+from medimg.config import Params, TrainParams, load_params, parse_params
 from medimg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,3 +51,29 @@ def test_params_are_immutable() -> None:
     p = Params()
     with pytest.raises(ValueError):
         p.synth.seed = 3  # type: ignore[misc]
+
+
+def test_a_partial_task_section_keeps_that_tasks_defaults() -> None:
+    """A params file that sets one key of train.classify keeps the classifier's own
+    defaults for the rest, not the generic ones of TaskTrainParams."""
+    from medimg.config import ClassifyParams, SegmentParams, TaskTrainParams
+
+    cls = parse_params({"train": {"classify": {"lr": 0.01}}}).train.classify
+    assert cls.lr == 0.01
+    assert (cls.pretrained, cls.epochs, cls.freeze_encoder_epochs, cls.head_lr_mult) == (
+        ClassifyParams().pretrained,
+        ClassifyParams().epochs,
+        ClassifyParams().freeze_encoder_epochs,
+        ClassifyParams().head_lr_mult,
+    )
+    assert (cls.pretrained, cls.epochs, cls.freeze_encoder_epochs, cls.head_lr_mult) == (
+        "models/segment/model.pt",
+        30,
+        3,
+        10.0,
+    )
+    seg = parse_params({"train": {"segment": {"epochs": 3}}}).train.segment
+    assert (seg.epochs, seg.batch_size, seg.lr) == (3, SegmentParams().batch_size, 0.002)
+    # a TaskTrainParams object built in code is taken as it is, generic defaults included
+    built = TrainParams(classify=TaskTrainParams(arch="resnet10")).classify
+    assert (built.arch, built.pretrained, built.epochs) == ("resnet10", "none", 15)

@@ -16,25 +16,11 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from medimg.config import IngestParams
 from medimg.dicom.deid import Pseudonymizer, load_or_create_salt
-from medimg.ingest import IngestPaths, ingest
-from tests.conftest import Cohort, tool_path
+from tests.helpers import Cohort, run_ingest, tool_path
 
 DICOMDIR_TESTS = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests"
 NIBABEL_DATA = Path(nib.__file__).parent / "nicom" / "tests" / "data"
-
-
-def run_ingest(
-    raw: Path,
-    out: Path,
-    salt: Path,
-    labels: Path | None = None,
-    masks: Path | None = None,
-    **cfg: object,
-) -> dict:
-    params = IngestParams(salt_file=salt, **cfg)  # type: ignore[arg-type]
-    return ingest(params, IngestPaths(input=raw, out=out, labels=labels, masks=masks))
 
 
 def dcm2niix(src: Path, out: Path, name: str = "%j") -> None:

@@ -19,9 +19,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medimg.dicom.deid import Pseudonymizer, load_or_create_salt
-from tests.conftest import Cohort, make_series
 from tests.fuzz_mutators import elements
-from tests.unit.test_ingest import run_ingest
+from tests.helpers import Cohort, make_series, run_ingest
 
 CT = Path(get_testdata_file("CT_small.dcm"))
 

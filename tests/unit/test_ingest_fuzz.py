@@ -52,9 +52,8 @@ from medimg.dicom.discover import MULTIFRAME_SOP_CLASSES, Instance, Rejection, r
 from medimg.dicom.pixels import PixelDecodeError, read_stack
 from medimg.dicom.series import IRREGULAR_FLAGS, GeometryTolerance, assemble
 from medimg.ingest import DAMAGE
-from tests.conftest import Cohort
 from tests.fuzz_mutators import Mutant, Seed, write_mutant
-from tests.unit.test_ingest import run_ingest
+from tests.helpers import Cohort, run_ingest
 
 SEED_FILES = [
     "CT_small.dcm",  # native explicit LE: the fast pixel path

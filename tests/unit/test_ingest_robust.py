@@ -21,8 +21,14 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from medimg.dicom.deid import Pseudonymizer, load_or_create_salt
-from tests.conftest import TINY_SYNTH, Cohort, make_series, plant_canaries, write_cohort
-from tests.unit.test_ingest import run_ingest
+from tests.helpers import (
+    TINY_SYNTH,
+    Cohort,
+    make_series,
+    plant_canaries,
+    run_ingest,
+    write_cohort,
+)
 
 PIXEL_VARIANTS = [
     "MR_small.dcm",

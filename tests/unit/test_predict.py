@@ -7,12 +7,12 @@ thresholds that band returns exactly the lesion: the predicted mask must then eq
 generator's ground truth voxel for voxel, on the series' own grid and in the DICOM SEG.
 Both models go through the real path: ``tracking.log_model`` (safetensors + config),
 registration with the champion alias in a SQLite store, loading by ``models:/`` URI.
+The band models and the cohort are in tests/known_models.py.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,125 +22,25 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
-from torch import nn
 
-from medimg import stages, tracking
+from medimg import stages
 from medimg.config import (
-    AugmentParams,
-    DataParams,
-    IngestParams,
     Params,
     PredictParams,
-    SynthParams,
-    TrackingParams,
 )
 from medimg.dicom.deid import Pseudonymizer
 from medimg.dicom.synth import _uid
-from tests.conftest import CANARY, Cohort, plant_canaries, write_cohort
-
-# Known-output cohort: 40 x 40 pixels of 6.0 mm (240 / 40), 6 mm slices, no noise.
-EXACT_SYNTH = SynthParams(
-    seed=3,
-    n_patients=4,
-    positive_fraction=1.0,
-    mr_fraction=0.0,
-    matrix=40,
-    n_slices=14,
-    fov_mm=(240.0, 240.0),
-    slice_spacing_mm=(6.0, 6.0),
-    lesion_radius_mm=(14.0, 20.0),
-    noise_hu=0.0,
-    centre_jitter_mm=3.0,
-    shuffle_instance_fraction=0.5,
-    descending_fraction=0.5,
-)
-# The lesion band in the model's scaled units: CT window [-200, 300] HU -> [0, 1].
-BAND = ((80.0 + 200.0) / 500.0, (250.0 + 200.0) / 500.0)
-SALT = "medimg-predict-test-salt"
-
-
-class Identity3d(nn.Module):
-    """A 1x1x1 convolution that passes its input through (a 3D model, to the loader)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv3d(1, 1, kernel_size=1)
-        with torch.no_grad():
-            self.conv.weight.fill_(1.0)
-            self.conv.bias.fill_(0.0)
-
-
-class BandSegmenter(Identity3d):
-    """Lesion logits +20 inside the intensity band, -20 outside (2 channels)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("band", torch.tensor(BAND))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, R, A, S)
-        x = self.conv(x)
-        inside = ((x > self.band[0]) & (x < self.band[1])).float()
-        return torch.cat([torch.zeros_like(x), 40.0 * inside - 20.0], dim=1)
-
-
-class BandClassifier(Identity3d):
-    """Positive (logit +20) when any voxel lies in the band."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("band", torch.tensor(BAND))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, R, A, S) -> (B, 1)
-        x = self.conv(x)
-        inside = ((x > self.band[0]) & (x < self.band[1])).flatten(1).any(dim=1)
-        return (40.0 * inside.float() - 20.0)[:, None]
-
-
-def known_model(task: str, cfg: Any) -> nn.Module:
-    """Stands in for ``medimg.train.build_model`` when MLflow loads the model."""
-    return BandClassifier() if task == "classify" else BandSegmenter()
+from tests.helpers import CANARY, Cohort, plant_canaries, write_cohort
+from tests.known_models import EXACT_SYNTH, SALT, known_model, project_params, register_known
 
 
 @pytest.fixture(scope="module")
 def known_models() -> Iterator[None]:
     """The registry builds the band models (their weights are the band)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("medimg.train.build_model", known_model)
+        mp.setattr("medimg.models.build.build_model", known_model)
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         yield
-
-
-def register_known(params: Params, task: str, root: Path, threshold: float = 0.5) -> str:
-    """Log the band model of ``task`` as a run's model, mark it evaluated and register it
-    (first version: champion). Returns ``models:/<name>@champion``."""
-    client = tracking.configure(params, root)
-    exp = tracking.experiment_id(client, params, task, root)
-    run_id = client.create_run(exp, run_name=f"known-{task}").info.run_id
-    model_dir = root / "models" / task
-    model_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": known_model(task, None).state_dict()}, model_dir / "model.pt")
-    uri = tracking.log_model(params, task, model_dir, run_id)
-    (model_dir / tracking.RUN_FILE).write_text(json.dumps({"run_id": run_id, "model_uri": uri}))
-    client.set_tag(run_id, "medimg.evaluated", "true")
-    client.log_dict(run_id, {"threshold": threshold}, f"{task}.json")
-    decision = tracking.register(params, task, root, model_dir)
-    assert decision.promoted
-    return f"models:/{tracking.registered_name(params, task)}@champion"
-
-
-def project_params(root: Path, cohort: Cohort, **predict: Any) -> Params:
-    salt = root / "salt"
-    if not salt.exists():
-        salt.write_text(SALT)
-        salt.chmod(0o600)
-    return Params(
-        data=DataParams(raw=cohort.raw),
-        ingest=IngestParams(salt_file=salt, workers=1),
-        augment=AugmentParams(patch_size=(32, 32, 32)),
-        tracking=TrackingParams(uri=f"sqlite:///{root / 'mlflow.db'}", retry_wait_s=0.1),
-        predict=PredictParams(**predict),
-    )
 
 
 @dataclass(frozen=True)

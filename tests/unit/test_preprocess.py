@@ -1,5 +1,6 @@
 """Preprocessing: deterministic, parameter-sensitive, and images and masks stay aligned
-with the generator's ground truth through every transform."""
+with the generator's ground truth through every transform (the transforms on their own:
+test_transforms.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from medimg.dicom.deid import Pseudonymizer, load_or_create_salt
 from medimg.dicom.synth import LESION, plan_cohort
 from medimg.dicom.synth import _uid as synth_uid
-from tests.conftest import Processed, process_cohort
+from tests.helpers import Processed, process_cohort
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -74,47 +75,6 @@ def test_masks_follow_the_phantom_in_every_orientation(tiny_processed: Processed
         assert centroid_error < 6.0, (plan.orientation, centroid_error)  # under one voxel
         seen.add(plan.orientation)
     assert seen == {"axial", "coronal", "sagittal", "oblique"}
-
-
-def test_anisotropic_stack_is_not_smeared_across_slices() -> None:
-    import torch
-    from monai.data import MetaTensor
-
-    from medimg.transforms import AnisotropicSpacingd
-
-    data = torch.zeros((1, 20, 20, 6))
-    for k in range(6):
-        data[..., k] = float(k + 1)  # one value per thick slice
-    affine = torch.diag(torch.tensor([1.0, 1.0, 5.0, 1.0]))
-    out = AnisotropicSpacingd(["image"], (2.0, 2.0, 2.0), ratio=3.0)(
-        {"image": MetaTensor(data, affine=affine)}
-    )["image"]
-    assert out.shape[1:3] == (10, 10)
-    assert set(torch.unique(out).tolist()) <= {1.0, 2.0, 3.0, 4.0, 5.0, 6.0}  # no blends
-    smooth = AnisotropicSpacingd(["image"], (2.0, 2.0, 2.0), ratio=10.0)(
-        {"image": MetaTensor(data, affine=affine)}
-    )["image"]
-    assert len(torch.unique(smooth)) > 6  # below the ratio: linear interpolation
-
-
-def test_training_transforms_shapes_and_randomness(tiny_processed: Processed) -> None:
-    from medimg.config import AugmentParams
-    from medimg.transforms import training_transforms
-
-    row = pd.read_parquet(tiny_processed.processed / "manifest.parquet").query("label == 1").iloc[0]
-    item = {
-        "image": str(tiny_processed.processed / row.image),
-        "label": str(tiny_processed.processed / row["mask"]),
-    }
-    aug = AugmentParams()
-    patches = training_transforms("segment", aug, train=True)(dict(item))
-    assert len(patches) == aug.patches_per_volume
-    assert tuple(patches[0]["image"].shape) == (1, *aug.patch_size)
-    assert any(p["label"].sum() > 0 for p in patches)  # lesion-centred patches
-    val = training_transforms("classify", aug, train=False)
-    a, b = val(dict(item)), val(dict(item))
-    assert tuple(a["image"].shape) == (1, *tiny_processed.params.preprocess.spatial_size)
-    assert np.array_equal(a["image"].numpy(), b["image"].numpy())
 
 
 def test_preprocess_without_ingest_says_what_to_do(tmp_path: Path) -> None:

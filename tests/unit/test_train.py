@@ -8,42 +8,20 @@ import os
 import subprocess
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 import yaml
 
-from medimg.config import Params, TaskTrainParams, TrainParams
-from tests.conftest import Processed, tool_path
-
-
-def _fold_or_none(p: Processed) -> int | None:
-    table = pd.read_parquet(p.processed / "manifest.parquet")
-    for split, group in table[table["split"] != "test"].groupby("split"):
-        rest = table[(table["split"] != "test") & (table["split"] != split)]
-        if group["label"].nunique() == 2 and rest["label"].nunique() == 2:
-            return int(split)
-    return None
-
-
-def _fold(p: Processed) -> int:
-    """A validation fold holding both labels."""
-    fold = _fold_or_none(p)
-    if fold is None:
-        pytest.fail("no fold of the tiny cohort holds both labels")
-    return fold
-
-
-def _params(p: Processed, out: Path, epochs: int = 3, **task: object) -> Params:
-    data = p.params.data.model_copy(
-        update={"models": out / "models", "metrics": out / "metrics", "plots": out / "plots"}
-    )
-    train = TrainParams(
-        fold=_fold(p),
-        classify=TaskTrainParams(arch="resnet10", epochs=epochs, batch_size=4, patience=50, **task),  # type: ignore[arg-type]
-        segment=TaskTrainParams(arch="resnet18", epochs=epochs, batch_size=2, patience=50, **task),  # type: ignore[arg-type]
-    )
-    return p.params.model_copy(update={"data": data, "train": train})
+from medimg.config import TaskTrainParams
+from tests.helpers import (
+    TINY_SYNTH,
+    Processed,
+    fold_or_none,
+    process_cohort,
+    tool_path,
+    train_params,
+    write_cohort,
+)
 
 
 class Stop(Exception):
@@ -56,13 +34,13 @@ def test_classifier_learns_and_repeats_exactly(tiny_processed: Processed, tmp_pa
 
     seen: list = []
     a = stages.train(
-        _params(tiny_processed, tmp_path / "a", epochs=4, lr=3e-3),
+        train_params(tiny_processed, tmp_path / "a", epochs=4, lr=3e-3),
         "classify",
         callbacks=[seen.append],
     )
     assert [e.epoch for e in seen] == [1, 2, 3, 4]
     assert a.history[-1]["train_loss"] < a.history[0]["train_loss"]  # the loss falls
-    b = stages.train(_params(tiny_processed, tmp_path / "b", epochs=4, lr=3e-3), "classify")
+    b = stages.train(train_params(tiny_processed, tmp_path / "b", epochs=4, lr=3e-3), "classify")
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
     assert strip(a.history) == strip(b.history)
     m = json.loads((tmp_path / "a" / "metrics" / "classify_train.json").read_text())
@@ -75,13 +53,13 @@ def test_classifier_learns_and_repeats_exactly(tiny_processed: Processed, tmp_pa
 def test_killed_run_resumes_to_the_same_result(tiny_processed: Processed, tmp_path: Path) -> None:
     from medimg import stages
 
-    whole = stages.train(_params(tiny_processed, tmp_path / "whole", epochs=4), "segment")
+    whole = stages.train(train_params(tiny_processed, tmp_path / "whole", epochs=4), "segment")
 
     def kill_after_two(entry: object) -> None:
         if entry.epoch == 2:
             raise Stop
 
-    params = _params(tiny_processed, tmp_path / "cut", epochs=4)
+    params = train_params(tiny_processed, tmp_path / "cut", epochs=4)
     with pytest.raises(Stop):
         stages.train(params, "segment", callbacks=[kill_after_two])
     ckpt = torch.load(tmp_path / "cut" / "models" / "segment" / "checkpoint.pt", weights_only=True)
@@ -99,7 +77,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_processed: Processed, tmp_pa
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tiny_processed: Processed, tmp_path: Path) -> None:
-    params = _params(tiny_processed, tmp_path, epochs=1)
+    params = train_params(tiny_processed, tmp_path, epochs=1)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -138,27 +116,26 @@ def test_trained_segmenter_encoder_initialises_the_classifier(
     from medimg import stages
     from medimg.models.pretrained import load_pretrained
     from medimg.models.resnet import build_classifier
-    from tests.conftest import TINY_SYNTH, process_cohort, write_cohort
 
     for seed in range(11, 30):  # another cohort, with a usable fold
         cfg = TINY_SYNTH.model_copy(update={"seed": seed})
         related = write_cohort(tmp_path / f"related{seed}", cfg)
         source = process_cohort(related, tmp_path / f"related_processed{seed}")
-        if _fold_or_none(source) is not None:
+        if fold_or_none(source) is not None:
             break
-    stages.train(_params(source, tmp_path / "pre", epochs=2), "segment")
+    stages.train(train_params(source, tmp_path / "pre", epochs=2), "segment")
     weights = tmp_path / "pre" / "models" / "segment" / "model.pt"
     trained = torch.load(weights, weights_only=True)["model"]
 
     model = build_classifier(TaskTrainParams(arch="resnet18"))
-    report = load_pretrained(model, weights, "classifier")
+    report = load_pretrained(model, weights, "classify")
     assert report.n_model_backbone == len(report.loaded) == 85  # every ResNet-18 tensor but fc
     assert report.missing == [] and report.skipped_shape == []
     assert all(k.startswith(("decoder.", "segmentation_head.")) for k in report.unexpected)
     own = model.state_dict()
     for key in report.loaded:
         torch.testing.assert_close(own[key], trained["encoder." + key])
-    params = _params(tiny_processed, tmp_path / "warm", epochs=2, pretrained=str(weights))
+    params = train_params(tiny_processed, tmp_path / "warm", epochs=2, pretrained=str(weights))
     params = params.model_copy(
         update={
             "train": params.train.model_copy(
@@ -188,7 +165,7 @@ def test_a_metric_tie_goes_to_the_lower_validation_loss(
 
     scripted = iter([(0.9, 1.0), (0.5, 1.0), (0.7, 1.0), (0.4, 0.8)])  # (loss, AUROC)
     monkeypatch.setattr(Trainer, "validate", lambda self, *a: next(scripted))
-    result = stages.train(_params(tiny_processed, tmp_path, epochs=4), "classify")
+    result = stages.train(train_params(tiny_processed, tmp_path, epochs=4), "classify")
     assert (result.best_epoch, result.best_metric) == (2, 1.0)
     assert [h["best"] for h in result.history] == [True, True, False, False]
 
@@ -201,8 +178,9 @@ def test_the_fused_optimiser_step_is_the_reference_adamw_up_to_rounding() -> Non
     weights change the next gradients, and Adam's normalised step amplifies them."""
     import copy
 
+    from medimg.models.build import build_model
     from medimg.models.pretrained import param_groups
-    from medimg.train import build_model, build_optimizer
+    from medimg.optim import build_optimizer
 
     cfg = TaskTrainParams(arch="resnet10", conv1_stride=2, lr=1e-3, weight_decay=0.1)
     torch.manual_seed(0)
@@ -210,7 +188,7 @@ def test_the_fused_optimiser_step_is_the_reference_adamw_up_to_rounding() -> Non
     weights = {}
     for kind in ("reference", "trainer"):
         model = copy.deepcopy(base)
-        groups = param_groups(model, "classifier", cfg.lr, 10.0)  # two groups, as trained
+        groups = param_groups(model, "classify", cfg.lr, 10.0)  # two groups, as trained
         if kind == "reference":
             opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
         else:

@@ -14,11 +14,12 @@ from monai.networks.nets import resnet18
 
 from medimg.config import AugmentParams, Params, TaskTrainParams, TrainParams
 from medimg.errors import ConfigError
+from medimg.models.build import build_model, model_spatial_dims
 from medimg.models.pretrained import load_pretrained
 from medimg.models.resnet import SliceResNet, build_classifier, top_k_mean
 from medimg.models.unet import build_segmenter
-from medimg.train import build_model, model_spatial_dims, predict
-from tests.conftest import Processed
+from medimg.tasks import CLASSIFY, SEGMENT
+from tests.helpers import Processed
 
 CPU = torch.device("cpu")
 N_TV_BACKBONE = 100  # 2D ResNet-18, torchvision layout: all but fc.* and num_batches_tracked
@@ -71,7 +72,7 @@ def test_2d_classifier_learns_repeats_and_predicts_per_volume(
     model = load_model("classify", params, tmp_path / "a" / "models" / "classify" / "model.pt")
     assert isinstance(model, SliceResNet) and model_spatial_dims(model) == 2
     x = _volumes(tiny_processed)
-    prob = predict(model, x, "classify", params.augment.patch_size, CPU)
+    prob = CLASSIFY.predict(model, x, params.augment.patch_size, CPU)
     assert prob.shape == (2,) and ((prob >= 0) & (prob <= 1)).all()
     card = (tmp_path / "a" / "models" / "classify" / "model_card.md").read_text()
     assert "2D" in card and "axial slices" in card
@@ -91,7 +92,7 @@ def test_2d_segmenter_trains_on_slices_and_predicts_a_3d_map(
     model = load_model("segment", params, tmp_path / "models" / "segment" / "model.pt")
     assert model_spatial_dims(model) == 2
     x = _volumes(tiny_processed)
-    prob = predict(model, x, "segment", params.augment.patch_size, CPU)
+    prob = SEGMENT.predict(model, x, params.augment.patch_size, CPU)
     assert prob.shape == x[:, 0].shape  # (N, R, A, S), as in 3D
     assert ((prob >= 0) & (prob <= 1)).all()
 
@@ -107,14 +108,14 @@ def test_2d_segmentation_samples_lesion_centred_slices(tiny_processed: Processed
         "label": str(tiny_processed.processed / row["mask"]),
     }
     aug = AugmentParams(patches_per_volume=3, positive_ratio=1e6, affine_prob=0.0)
-    chain = training_transforms("segment", aug, train=True, with_label=True, spatial_dims=2)
+    chain = training_transforms(aug, train=True, with_label=True, patches=True, spatial_dims=2)
     chain.set_random_state(seed=0)
     patches = chain(item)
     assert len(patches) == 3
     for patch in patches:
         assert patch["image"].shape == patch["label"].shape == (1, 32, 32)  # (C, R, A)
         assert patch["label"].sum() > 0  # centred on a lesion voxel
-    whole = training_transforms("segment", aug, train=False, spatial_dims=2)(item)
+    whole = training_transforms(aug, train=False, spatial_dims=2)(item)
     assert whole["image"].shape == (1, *tiny_processed.params.preprocess.spatial_size)
 
 
@@ -146,7 +147,7 @@ def test_torchvision_weights_load_into_2d_models_without_inflation(tmp_path: Pat
 
     cfg = TaskTrainParams(arch="resnet18", spatial_dims=2)
     model = build_classifier(cfg)
-    report = load_pretrained(model, path, "classifier", min_fraction=1.0)
+    report = load_pretrained(model, path, "classify", min_fraction=1.0)
     assert report.source_format == "torchvision"
     assert len(report.loaded) == report.n_model_backbone == N_TV_BACKBONE
     assert report.missing == [] and report.skipped_shape == []
@@ -159,7 +160,7 @@ def test_torchvision_weights_load_into_2d_models_without_inflation(tmp_path: Pat
     assert "100/100 backbone tensors (100.0%)" in report.summary()
 
     seg = build_segmenter(cfg)
-    seg_report = load_pretrained(seg, path, "segmenter")
+    seg_report = load_pretrained(seg, path, "segment")
     assert len(seg_report.loaded) == seg_report.n_model_backbone == 85  # type-A encoder
     assert seg_report.missing == [] and seg_report.skipped_shape == []
     unused = {k for k in seg_report.unexpected if not k.startswith("fc.")}
@@ -174,7 +175,7 @@ def test_3d_weights_into_a_2d_model_are_refused_clearly(tmp_path: Path) -> None:
     torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}}, path)
     model = build_classifier(TaskTrainParams(arch="resnet18", spatial_dims=2))
     with pytest.raises(ConfigError, match=r"holds 3D weights .*is 2D .*spatial_dims: 2"):
-        load_pretrained(model, path, "classifier")
+        load_pretrained(model, path, "classify")
 
 
 def test_top_k_mean_pools_slice_logits_per_volume() -> None:
@@ -200,7 +201,7 @@ def test_2d_classifier_augmentation_keeps_slices_apart(tmp_path: Path) -> None:
     path = tmp_path / "v.nii.gz"
     nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
     aug = AugmentParams(affine_prob=1.0, rotate_deg=30.0, scale=0.2, intensity_prob=0.0)
-    chain = training_transforms("classify", aug, train=True, with_label=False, spatial_dims=2)
+    chain = training_transforms(aug, train=True, with_label=False, spatial_dims=2)
     chain.set_random_state(seed=3)
     out = torch.as_tensor(chain({"image": str(path)})["image"])[0]  # (R, A, S)
     assert out.shape == (32, 32, 6)

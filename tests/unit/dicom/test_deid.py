@@ -34,7 +34,7 @@ from medimg.dicom.deid import (
     write_deidentified,
 )
 from medimg.errors import ConfigError
-from tests.conftest import Cohort
+from tests.helpers import Cohort
 
 PSEUDONYM = "a1b2c3d4e5f60718"
 SALT = b"test-salt-not-secret"

@@ -20,7 +20,7 @@ from pydicom import config as dcm_config
 
 from medimg.dicom.geometry import lps_affine, ras_affine
 from medimg.errors import ConfigError
-from tests.conftest import TINY_SYNTH, Cohort, tool_path, write_cohort
+from tests.helpers import TINY_SYNTH, Cohort, tool_path, write_cohort
 
 
 def _truth(cohort: Cohort) -> list[dict[str, str]]:
@@ -119,6 +119,8 @@ def test_ct_is_in_hounsfield_units_and_mr_is_not(
 ) -> None:
     from pydicom.pixels import apply_rescale
 
+    modalities = {slices[0].Modality for slices in strict_headers.values()}
+    assert modalities == {"CT", "MR"}  # the cohort holds both: each branch below checks some
     for slices in strict_headers.values():
         ds = slices[len(slices) // 2]
         values = apply_rescale(ds.pixel_array, ds)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,20 +96,20 @@ def test_detect_format_of_the_three_layouts(torchvision_file: Path, medicalnet_f
 def test_map_keys_is_explicit() -> None:
     w = torch.zeros(1)
     src = {"module.conv1.weight": w, "module.layer1.0.bn1.weight": w, "module.fc.weight": w}
-    assert list(map_keys(src, "medicalnet", "classifier")) == [
+    assert list(map_keys(src, "medicalnet", "classify")) == [
         "conv1.weight",
         "layer1.0.bn1.weight",
     ]
-    assert list(map_keys(src, "torchvision", "segmenter")) == [
+    assert list(map_keys(src, "torchvision", "segment")) == [
         "encoder.conv1.weight",
         "encoder.layer1.0.bn1.weight",
     ]
     seg = {"encoder.conv1.weight": w, "decoder.blocks.0.conv1.conv.weight": w}
-    assert list(map_keys(seg, "medimg", "segmenter")) == list(seg)  # same task: all kept
-    assert list(map_keys(seg, "medimg", "classifier")) == ["conv1.weight"]
+    assert list(map_keys(seg, "medimg", "segment")) == list(seg)  # same task: all kept
+    assert list(map_keys(seg, "medimg", "classify")) == ["conv1.weight"]
     cls = {"conv1.weight": w, "fc.weight": w}
-    assert list(map_keys(cls, "medimg", "classifier")) == ["conv1.weight", "fc.weight"]
-    assert list(map_keys(cls, "medimg", "segmenter")) == ["encoder.conv1.weight"]
+    assert list(map_keys(cls, "medimg", "classify")) == ["conv1.weight", "fc.weight"]
+    assert list(map_keys(cls, "medimg", "segment")) == ["encoder.conv1.weight"]
 
 
 # ----------------------------------------------------------------------------- adapt
@@ -153,7 +153,7 @@ def test_torchvision_into_3d_classifier(torchvision_file: Path) -> None:
     src = torch.load(torchvision_file, weights_only=True)
     model = classifier()
     fc_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("fc.")}
-    report = load_pretrained(model, torchvision_file, "classifier")
+    report = load_pretrained(model, torchvision_file, "classify")
     assert report.source_format == "torchvision"
     assert report.n_model_backbone == N_CLASSIFIER_BACKBONE
     assert len(report.loaded) == N_CLASSIFIER_BACKBONE and report.fraction == 1.0
@@ -175,7 +175,7 @@ def test_torchvision_into_3d_classifier(torchvision_file: Path) -> None:
 def test_torchvision_into_3d_segmenter(torchvision_file: Path) -> None:
     src = torch.load(torchvision_file, weights_only=True)
     model = segmenter()
-    report = load_pretrained(model, torchvision_file, "segmenter")
+    report = load_pretrained(model, torchvision_file, "segment")
     assert report.n_model_backbone == N_SEGMENTER_BACKBONE
     assert len(report.loaded) == N_SEGMENTER_BACKBONE and report.fraction == 1.0
     assert all(k.startswith("encoder.") for k in report.loaded)
@@ -190,7 +190,7 @@ def test_torchvision_into_3d_segmenter(torchvision_file: Path) -> None:
 def test_medicalnet_into_classifier(medicalnet_file: Path) -> None:
     src = torch.load(medicalnet_file, weights_only=True)["state_dict"]
     model = classifier()
-    report = load_pretrained(model, medicalnet_file, "classifier")
+    report = load_pretrained(model, medicalnet_file, "classify")
     assert report.source_format == "medicalnet"
     assert report.fraction == 1.0 and report.unexpected == []
     own = model.state_dict()
@@ -206,8 +206,8 @@ def test_medicalnet_shortcut_a_fits_segmenter_and_classifier(tmp_path: Path) -> 
     path = tmp_path / "resnet_18_23dataset.pth"
     sd = src.state_dict()
     torch.save({"state_dict": {"module." + k: v for k, v in sd.items() if "fc" not in k}}, path)
-    assert load_pretrained(segmenter(), path, "segmenter").fraction == 1.0
-    report = load_pretrained(classifier(), path, "classifier")
+    assert load_pretrained(segmenter(), path, "segment").fraction == 1.0
+    report = load_pretrained(classifier(), path, "classify")
     assert report.fraction == 1.0 and report.missing == []
 
 
@@ -218,14 +218,14 @@ def test_medimg_checkpoint_round_trip_with_head(tmp_path: Path) -> None:
     path = tmp_path / "best.pt"
     torch.save({"model": trained.state_dict(), "config": {"arch": "resnet18"}}, path)
     fresh = classifier()
-    report = load_pretrained(fresh, path, "classifier")
+    report = load_pretrained(fresh, path, "classify")
     assert report.source_format == "medimg" and report.fraction == 1.0
     assert sorted(report.loaded_head) == ["fc.bias", "fc.weight"]
     assert report.unexpected == []
     torch.testing.assert_close(fresh.state_dict(), trained.state_dict())
     # the other task takes the backbone only
     seg = segmenter()
-    report = load_pretrained(seg, path, "segmenter")
+    report = load_pretrained(seg, path, "segment")
     assert report.fraction == 1.0 and report.loaded_head == []
     torch.testing.assert_close(
         seg.state_dict()["encoder.conv1.weight"], trained.state_dict()["conv1.weight"]
@@ -237,7 +237,7 @@ def test_segmenter_checkpoint_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "seg.pt"
     torch.save({"model": trained.state_dict(), "config": {}}, path)
     fresh = segmenter()
-    report = load_pretrained(fresh, path, "segmenter")
+    report = load_pretrained(fresh, path, "segment")
     assert report.fraction == 1.0 and report.unexpected == []
     assert any(k.startswith("decoder.") for k in report.loaded_head)
     torch.testing.assert_close(fresh.state_dict(), trained.state_dict())
@@ -253,20 +253,20 @@ def test_wrong_depth_fails_with_counts(tmp_path: Path) -> None:
     n34 = len([k for k in _counted(model.state_dict()) if not k.startswith("fc.")])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError) as err:
-        load_pretrained(model, path, "classifier")
+        load_pretrained(model, path, "classify")
     msg = str(err.value)
     assert "resnet18.pth" in msg and f"only 85/{n34} backbone tensors" in msg
     assert "Wrong architecture depth" in msg and "Wrong file" in msg
     for key, value in model.state_dict().items():  # a failed load leaves the model alone
         torch.testing.assert_close(value, before[key])
     with pytest.raises(ConfigError, match=r"wrong shape"):
-        load_pretrained(classifier("resnet50"), path, "classifier")
+        load_pretrained(classifier("resnet50"), path, "classify")
 
 
 def test_deeper_source_loads_but_reports_unused(tmp_path: Path) -> None:
     path = tmp_path / "resnet34.pth"
     torch.save(resnet34(spatial_dims=3, n_input_channels=1, shortcut_type="A").state_dict(), path)
-    report = load_pretrained(classifier(), path, "classifier")
+    report = load_pretrained(classifier(), path, "classify")
     assert report.fraction == 1.0
     assert "layer3.5.conv1.weight" in report.unexpected
 
@@ -281,7 +281,7 @@ def test_missing_file_and_junk_files(tmp_path: Path) -> None:
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
     with pytest.raises(ConfigError, match=r"empty\.pth: not a PyTorch checkpoint"):
-        load_pretrained(classifier(), empty, "classifier")
+        load_pretrained(classifier(), empty, "classify")
     listed = tmp_path / "list.pth"
     torch.save([torch.zeros(2)], listed)
     with pytest.raises(ConfigError, match=r"list\.pth: holds a list, not a state dict"):
@@ -296,28 +296,33 @@ def test_pickled_object_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"x": NotATensor()}, path)
     with pytest.raises(ConfigError, match=r"evil\.pth: holds Python objects .*weights_only"):
-        load_pretrained(classifier(), path, "classifier")
+        load_pretrained(classifier(), path, "classify")
 
 
 def test_safetensors(tmp_path: Path) -> None:
     path = tmp_path / "resnet18.safetensors"
     sd = resnet18(spatial_dims=2, n_input_channels=3).state_dict()
-    if importlib.util.find_spec("safetensors") is None:
-        path.write_bytes(b"\0" * 16)
-        with pytest.raises(ConfigError, match="safetensors"):
-            read_state_dict(path)
-        return
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # a dependency of medimg: never skipped
 
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     state, fmt = read_state_dict(path)
     assert fmt == "torchvision" and set(state) == set(sd)
 
 
+def test_safetensors_without_the_package_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "resnet18.safetensors"
+    path.write_bytes(b"\0" * 16)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import fails: not installed
+    with pytest.raises(ConfigError, match="safetensors"):
+        read_state_dict(path)
+
+
 def test_none_source_changes_nothing() -> None:
     model = classifier()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = load_pretrained(model, "none", "classifier")
+    report = load_pretrained(model, "none", "classify")
     assert report == LoadReport(source_format="none", n_model_backbone=0)
     assert report.fraction == 0.0 and "none" in report.summary()
     for key, value in model.state_dict().items():
@@ -330,10 +335,10 @@ def test_none_source_changes_nothing() -> None:
 # ----------------------------------------------------------------------------- fine-tuning
 
 
-@pytest.mark.parametrize("target", ["classifier", "segmenter"])
+@pytest.mark.parametrize("target", ["classify", "segment"])
 def test_freeze_encoder_and_param_groups(target: str) -> None:
-    model = classifier() if target == "classifier" else segmenter()
-    prefix = "encoder." if target == "segmenter" else ""
+    model = classifier() if target == "classify" else segmenter()
+    prefix = "encoder." if target == "segment" else ""
     freeze_encoder(model, target, frozen=True)  # type: ignore[arg-type]
     for name, p in model.named_parameters():
         in_backbone = name.startswith(prefix) and not name.startswith("fc.")
@@ -347,3 +352,18 @@ def test_freeze_encoder_and_param_groups(target: str) -> None:
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert len(groups[0]["params"]) > 0 and len(groups[1]["params"]) > 0
     torch.optim.AdamW(groups)  # accepted as given
+
+
+def test_the_old_target_names_still_work_with_a_warning(tmp_path: Path) -> None:
+    """Before medimg 0.2 the targets were "classifier" and "segmenter"."""
+    model = classifier()
+    with pytest.warns(DeprecationWarning, match="'classifier' is deprecated; use .*'classify'"):
+        groups = param_groups(model, "classifier", 1e-3, 10.0)  # type: ignore[arg-type]
+    now = param_groups(model, "classify", 1e-3, 10.0)
+    assert [(g["name"], g["lr"], len(g["params"])) for g in groups] == [
+        (g["name"], g["lr"], len(g["params"])) for g in now
+    ]
+    with pytest.warns(DeprecationWarning, match="'segmenter'"):
+        assert list(map_keys({"conv1.weight": torch.zeros(1)}, "torchvision", "segmenter")) == [
+            "encoder.conv1.weight"
+        ]

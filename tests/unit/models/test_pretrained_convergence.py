@@ -27,7 +27,7 @@ import torch
 from medimg.config import AugmentParams, LoaderParams, TaskTrainParams, TrainParams
 from medimg.models.pretrained import load_pretrained
 from medimg.models.resnet import HEAD, build_classifier
-from medimg.train import EpochLog, train
+from medimg.train import EpochLog, TrainConfig, train
 from medimg.volume import save_nifti
 
 SIZE = 16  # voxels per side of the synthetic volumes (R = A = S)
@@ -80,10 +80,10 @@ def write_blobs(
 def fit(processed: Path, out: Path, **task: object) -> list[EpochLog]:
     """Train the classifier with medimg's ``train()`` on CPU; the per-epoch logs."""
     cfg = TaskTrainParams(arch="resnet10", batch_size=4, patience=100, **task)  # type: ignore[arg-type]
-    train_cfg = TrainParams(seed=0, device="cpu", fold=0, classify=cfg)
     augment = AugmentParams(affine_prob=0.0, intensity_prob=0.0)  # flips only: cheap
+    config = TrainConfig(cfg, augment, LoaderParams(), seed=0, device="cpu", fold=0)
     seen: list[EpochLog] = []
-    train("classify", train_cfg, augment, LoaderParams(), processed, out, callbacks=[seen.append])
+    train("classify", config, processed, out, callbacks=[seen.append])
     return seen
 
 
@@ -135,7 +135,7 @@ def test_pretrained_classifier_reaches_the_target_loss_sooner(
     encoder = [k for k in init if k not in head and not k.endswith("num_batches_tracked")]
     assert head == {"fc.weight", "fc.bias"}
     assert all(any(k.startswith(f"layer{i}.") for k in encoder) for i in (1, 2, 3, 4))
-    report = load_pretrained(model, medicalnet, "classifier")
+    report = load_pretrained(model, medicalnet, "classify")
     assert report.source_format == "medicalnet"
     assert report.n_model_backbone == len(encoder) and sorted(report.loaded) == sorted(encoder)
     assert report.missing == [] and report.skipped_shape == [] and report.loaded_head == []
@@ -145,7 +145,7 @@ def test_pretrained_classifier_reaches_the_target_loss_sooner(
         expected = init[key] if key in head else trained[key]  # ...and the head untouched
         torch.testing.assert_close(own[key], expected, rtol=0, atol=0, msg=key)
     same_task = load_pretrained(
-        build_classifier(TaskTrainParams(arch="resnet10")), checkpoint, "classifier"
+        build_classifier(TaskTrainParams(arch="resnet10")), checkpoint, "classify"
     )
     assert sorted(same_task.loaded) == sorted(encoder) and same_task.unexpected == []
     assert sorted(same_task.loaded_head) == sorted(head)

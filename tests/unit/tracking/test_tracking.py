@@ -16,7 +16,7 @@ from medimg import tracking
 from medimg.cli import app
 from medimg.config import GateParams, Params, RegistryParams, TrackingParams
 from medimg.errors import ConfigError
-from tests.conftest import tool_path
+from tests.helpers import tool_path
 
 
 @pytest.fixture(autouse=True)
@@ -97,6 +97,113 @@ def _cases(quality: float, seed: int, n: int = 40) -> pd.DataFrame:
             "probability": score,
         }
     )
+
+
+# ----------------------------------------------------------------------------- decide(), no store
+
+
+def _table(positive: list[float], negative: list[float]) -> pd.DataFrame:
+    """Per-case table, one case per patient: the positives' scores, then the negatives'."""
+    scores = [*positive, *negative]
+    return pd.DataFrame(
+        {
+            "key": [f"k{i:03d}" for i in range(len(scores))],
+            "patient": [f"p{i:03d}" for i in range(len(scores))],
+            "label": [1] * len(positive) + [0] * len(negative),
+            "probability": scores,
+        }
+    )
+
+
+PERFECT = _table([0.7] * 20, [0.3] * 20)  # AUROC 1.0
+ONE_MISS = _table([0.2] + [0.7] * 19, [0.3] * 20)  # one positive below every negative: 0.95
+COIN = _table([0.5] * 20, [0.5] * 20)  # AUROC 0.5
+
+
+def test_decide_without_a_champion_promotes_without_comparing() -> None:
+    d = tracking.decide(tracking.Contender("1"), None, GateParams(), "classify")
+    assert d == tracking.Decision(True, "no champion yet", "1", metric="auroc")
+
+
+def test_decide_keeps_the_champion_a_champion() -> None:
+    me = tracking.Contender("3", COIN)
+    d = tracking.decide(me, tracking.Contender("3", PERFECT), GateParams(), "classify")
+    assert d.promoted and d.reason == "already the champion"
+    assert d.champion_version == "3" and d.difference is None  # nothing was compared
+
+
+def test_decide_paired_ci_promotes_a_clearly_better_challenger() -> None:
+    d = tracking.decide(
+        tracking.Contender("2", PERFECT), tracking.Contender("1", COIN), GateParams(), "classify"
+    )
+    assert d.promoted, d.reason
+    assert d.reason.startswith("beats the champion: lower 95% CI bound of the paired")
+    assert (d.challenger_value, d.champion_value, d.difference) == (1.0, 0.5, 0.5)
+    assert d.ci_low is not None and d.ci_low > 0.3 and d.n_patients == 40
+    assert d.champion_version == "1" and d.metric == "auroc"
+
+
+def test_decide_paired_ci_rejects_a_gain_from_one_patient() -> None:
+    """Better by 0.05 on one patient: the bootstrap often leaves that patient out, so the
+    lower CI bound is 0, not above the margin of 0."""
+    d = tracking.decide(
+        tracking.Contender("2", PERFECT),
+        tracking.Contender("1", ONE_MISS),
+        GateParams(),
+        "classify",
+    )
+    assert not d.promoted
+    assert d.difference == pytest.approx(0.05) and d.ci_low == 0.0
+    assert d.reason == (
+        "does not beat the champion: lower 95% CI bound of the paired difference 0.0000 "
+        "vs margin 0.0"
+    )
+
+
+def test_decide_margin_rule_takes_the_point_difference() -> None:
+    mine, theirs = tracking.Contender("2", PERFECT), tracking.Contender("1", ONE_MISS)
+    d = tracking.decide(mine, theirs, GateParams(rule="margin", min_margin=0.01), "classify")
+    assert d.promoted and d.reason == "beats the champion: difference 0.0500 vs margin 0.01"
+    d = tracking.decide(mine, theirs, GateParams(rule="margin", min_margin=0.1), "classify")
+    assert not d.promoted
+    assert d.reason == "does not beat the champion: difference 0.0500 vs margin 0.1"
+
+
+def test_decide_scores_each_side_at_its_own_threshold() -> None:
+    high = _table([0.8] * 20, [0.6] * 20)  # separated at 0.7, not at 0.5
+    gate_cfg = GateParams(rule="margin", classify_metric="balanced_accuracy")
+    mine = tracking.Contender("2", high, threshold=0.7)
+    d = tracking.decide(mine, tracking.Contender("1", PERFECT), gate_cfg, "classify")
+    assert (d.challenger_value, d.champion_value) == (1.0, 1.0) and not d.promoted
+    d = tracking.decide(
+        tracking.Contender("2", high), tracking.Contender("1", PERFECT), gate_cfg, "classify"
+    )
+    assert d.challenger_value == 0.5 and d.metric == "balanced_accuracy"
+
+
+def test_decide_segment_compares_dice_on_volumes_with_a_lesion() -> None:
+    def volumes(dice: list[float]) -> pd.DataFrame:
+        n = len(dice)
+        keys = [f"k{i:03d}" for i in range(n)]
+        return pd.DataFrame(
+            {
+                "key": keys,
+                "patient": keys,
+                "label": 1,
+                "lesion": [True] * (n - 1) + [False],
+                "dice": dice,
+            }
+        )
+
+    mine = volumes([0.9] * 29 + [0.0])  # the lesion-free volume does not count
+    d = tracking.decide(
+        tracking.Contender("2", mine),
+        tracking.Contender("1", volumes([0.6] * 30)),
+        GateParams(),
+        "segment",
+    )
+    assert d.promoted and d.metric == "dice" and d.n_patients == 29
+    assert d.difference == pytest.approx(0.3)
 
 
 def _version(client: MlflowClient, params: Params, cases: pd.DataFrame, tmp: Path) -> str:
@@ -202,14 +309,19 @@ def test_unknown_registered_model_as_pretrained_fails_clearly(tmp_path: Path) ->
     import torch
 
     from medimg.config import TaskTrainParams
+    from medimg.models.build import build_model
     from medimg.models.pretrained import load_pretrained
-    from medimg.train import build_model
 
     tracking.configure(_params(tmp_path), tmp_path)
     model = build_model("classify", TaskTrainParams(arch="resnet10"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    # medimg train resolves the URI to a local file first: that fails, naming the URI
     with pytest.raises(ConfigError, match="models:/medimg-nothing@champion"):
-        load_pretrained(model, "models:/medimg-nothing@champion", "classifier")
+        tracking.pretrained_file("models:/medimg-nothing@champion", tmp_path)
+    assert list(tmp_path.glob("pretrained*")) == []  # nothing half-written
+    # the models package reads local files only, and says where a URI is resolved
+    with pytest.raises(ConfigError, match=r"models:/medimg-nothing@champion.*pretrained_file"):
+        load_pretrained(model, "models:/medimg-nothing@champion", "classify")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

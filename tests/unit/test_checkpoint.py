@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from medimg.train import _BackgroundWriter, _live_tensors
+from medimg.checkpoint import BackgroundWriter, live_tensors
 
 
 def small_model() -> nn.Module:
@@ -29,10 +29,10 @@ def test_a_checkpoint_holds_the_state_of_its_save_while_training_goes_on(tmp_pat
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     step(model, optimizer)  # Adam moments exist
     want = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
-    writer = _BackgroundWriter()
+    writer = BackgroundWriter()
     try:
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        writer.save(payload, tmp_path / "checkpoint.pt", _live_tensors(model, optimizer))
+        writer.save(payload, tmp_path / "checkpoint.pt", live_tensors(model, optimizer))
         # the next epoch: a forward pass changes batch-norm statistics at once (copied at
         # the save), and the trainer drains the writer before the optimiser changes weights
         model.train()
@@ -55,7 +55,7 @@ def test_a_checkpoint_holds_the_state_of_its_save_while_training_goes_on(tmp_pat
 def test_a_failed_write_is_raised_not_lost(tmp_path: Path) -> None:
     blocker = tmp_path / "models"
     blocker.write_text("a file where the output folder should be")
-    writer = _BackgroundWriter()
+    writer = BackgroundWriter()
     writer.save({"model": small_model().state_dict()}, blocker / "model.pt", frozenset())
     with pytest.raises(OSError):
         writer.close()

@@ -13,7 +13,7 @@ from pydicom import examples
 from medimg.dicom.geometry import lps_affine, ras_affine
 from medimg.dicom.seg import SegInfo, read_sources, slice_indices, source_frames, write_seg
 from medimg.errors import DicomError
-from tests.conftest import make_series
+from tests.helpers import make_series
 
 INFO = SegInfo("medimg lesion (test v1)", "medimg-test", "1")
 

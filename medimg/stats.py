@@ -1,0 +1,188 @@
+"""Statistics of evaluation results: patient-level bootstrap intervals, breakdowns and
+paired comparisons.
+
+Every headline metric carries a 95 % interval from a bootstrap over patients (never over
+series, which would understate the uncertainty), and breakdowns by vendor and modality.
+Values are rounded to 4 decimals for the metrics files; undefined ones become ``None``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medimg.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+N_BOOT = 1000  # bootstrap resamples of patients
+BREAKDOWNS = ("vendor", "modality")  # columns the headline metric is broken down by
+
+
+def rounded(v: float | None) -> float | None:
+    """``v`` to 4 decimals; ``None`` when undefined (None, NaN, infinite)."""
+    return None if v is None or not np.isfinite(v) else round(float(v), 4)
+
+
+def with_ci(frame: pd.DataFrame, statistic: Any) -> dict[str, float | None]:
+    """``{"value", "ci_lower", "ci_upper"}`` of ``statistic`` over ``frame``'s cases."""
+    point, lo, hi = bootstrap_ci(frame, statistic, group="patient", n_boot=N_BOOT, seed=0)
+    return {"value": rounded(point), "ci_lower": rounded(lo), "ci_upper": rounded(hi)}
+
+
+def breakdowns(frame: pd.DataFrame, statistic: Any) -> dict[str, Any]:
+    """``{"by_vendor": [...], "by_modality": [...]}``: the statistic with its interval
+    for each vendor and each modality."""
+    out = {}
+    for col in BREAKDOWNS:
+        table = breakdown(frame, col, statistic, group="patient", n_boot=N_BOOT, seed=0)
+        out[f"by_{col}"] = [
+            {k: (rounded(v) if isinstance(v, float) else v) for k, v in rec.items()}
+            for rec in table.to_dict("records")
+        ]
+    return out
+
+
+def bootstrap_ci(
+    frame: pd.DataFrame,
+    statistic: Callable[[pd.DataFrame], float],
+    group: str = "patient",
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Point estimate and percentile confidence interval from a cluster bootstrap.
+
+    Rows of one patient are correlated (several series, several lesions), so patients are
+    resampled with replacement, never rows: each sample holds every row of each drawn
+    patient, twice over for a patient drawn twice. Resampling rows would treat correlated
+    rows as independent and give intervals that are too narrow.
+
+    Args:
+        frame: one row per case, with a ``group`` column.
+        statistic: computes the metric from a frame (the samples have a fresh 0..n-1
+            index); NaN marks a sample where it is undefined, e.g. a single class.
+        group: column naming the resampling unit.
+        n_boot: number of bootstrap samples.
+        alpha: 1 - confidence level.
+        seed: seed of the generator; equal seeds give equal intervals.
+
+    Returns:
+        ``(estimate, lower, upper)``: the statistic on the whole frame and the percentile
+        interval over the valid samples. The interval is NaN when fewer than half of the
+        samples are valid.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError("alpha must lie in (0, 1)")
+    if n_boot < 1:
+        raise ValueError("n_boot must be at least 1")
+    estimate = float(statistic(frame))
+    codes, uniques = pd.factorize(frame[group], sort=True)
+    if np.any(codes < 0):
+        raise ValueError(f"rows without a {group!r}")
+    n_groups = len(uniques)
+    if n_groups == 0:
+        return estimate, math.nan, math.nan
+    order = np.argsort(codes, kind="stable")  # rows of each group side by side
+    sizes = np.bincount(codes, minlength=n_groups)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    draws = np.random.default_rng(seed).integers(0, n_groups, size=(n_boot, n_groups))
+    values = np.empty(n_boot)
+    for b, drawn in enumerate(draws):
+        lengths = sizes[drawn]
+        ends = np.cumsum(lengths)
+        # row positions: each drawn group's start, counted up along its run
+        rows = np.arange(ends[-1]) + np.repeat(starts[drawn] - (ends - lengths), lengths)
+        sample = frame.take(order[rows])
+        sample.index = pd.RangeIndex(len(rows))
+        values[b] = statistic(sample)
+    valid = values[~np.isnan(values)]
+    if valid.size < n_boot / 2:
+        log.warning("only %d of %d bootstrap samples valid: no interval", valid.size, n_boot)
+        return estimate, math.nan, math.nan
+    lower, upper = np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return estimate, float(lower), float(upper)
+
+
+def breakdown(
+    frame: pd.DataFrame,
+    by: str,
+    statistic: Callable[[pd.DataFrame], float],
+    **bootstrap_kw: Any,
+) -> pd.DataFrame:
+    """The statistic with its bootstrap interval for each value of ``by`` (e.g. modality).
+
+    Args:
+        frame: one row per case.
+        by: column to break down by.
+        statistic: as for :func:`bootstrap_ci`.
+        **bootstrap_kw: passed on to :func:`bootstrap_ci` (``group``, ``n_boot``,
+            ``alpha``, ``seed``).
+
+    Returns:
+        One row per value of ``by``, sorted: the value, n (rows), n_groups (patients),
+        estimate, ci_lower, ci_upper.
+    """
+    group = bootstrap_kw.get("group", "patient")
+    rows = []
+    for value, part in frame.groupby(by, sort=True):
+        estimate, lower, upper = bootstrap_ci(part, statistic, **bootstrap_kw)
+        rows.append(
+            {
+                by: value,
+                "n": len(part),
+                "n_groups": int(part[group].nunique()),
+                "estimate": estimate,
+                "ci_lower": lower,
+                "ci_upper": upper,
+            }
+        )
+    columns = [by, "n", "n_groups", "estimate", "ci_lower", "ci_upper"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def paired_difference(
+    score: Callable[[np.ndarray, np.ndarray, float], float],
+    column: str,
+    challenger: pd.DataFrame,
+    champion: pd.DataFrame,
+    n_boot: int,
+    threshold: tuple[float, float] = (0.5, 0.5),
+) -> tuple[float, float, float, float, float, int]:
+    """The challenger's metric minus the champion's, on the cases both were scored on,
+    with a 95 % CI from a bootstrap over patients that draws the same patients for both.
+
+    Args:
+        score: the metric from labels, case scores and a decision threshold (a task's
+            :meth:`~medimg.tasks.TaskSpec.score`).
+        column: the case score the metric is computed from.
+        challenger, champion: per-case tables (``key``, ``patient``, ``label``, ``column``).
+        n_boot: bootstrap resamples of patients.
+        threshold: the decision thresholds of challenger and champion.
+
+    Returns:
+        (challenger value, champion value, difference, ci low, ci high, n patients).
+
+    Raises:
+        TrackingError: the two tables share no case.
+    """
+    pair = challenger[["key", "patient", "label", column]].merge(
+        champion[["key", column]], on="key", suffixes=("_a", "_b")
+    )
+    if pair.empty:
+        raise TrackingError("the challenger and the champion share no test cases")
+
+    def value(frame: pd.DataFrame, side: str, cut: float) -> float:
+        return score(frame["label"].to_numpy(), frame[f"{column}_{side}"].to_numpy(), cut)
+
+    def diff(frame: pd.DataFrame) -> float:
+        return value(frame, "a", threshold[0]) - value(frame, "b", threshold[1])
+
+    d, lo, hi = bootstrap_ci(pair, diff, n_boot=n_boot)
+    a, b = value(pair, "a", threshold[0]), value(pair, "b", threshold[1])
+    return a, b, d, lo, hi, int(pair["patient"].nunique())

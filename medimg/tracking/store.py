@@ -1,0 +1,113 @@
+"""The MLflow store: where it is, the client, retries on transient failures, experiments."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from medimg.config import Params, TrackingParams
+from medimg.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_OURS = "MEDIMG_MLFLOW_URI"  # the store configure() chose, so that it can tell its own
+# setting from the user's: mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI
+
+
+def tracking_uri(cfg: TrackingParams, root: Path = Path(".")) -> str:
+    """The store: ``MLFLOW_TRACKING_URI`` if the user set it, else ``tracking.uri``; a
+    relative SQLite path is taken from the project root."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = env if env and env != os.environ.get(_OURS) else cfg.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str((root / uri[len(prefix) :]).resolve())
+    return uri
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def configure(params: Params, root: Path = Path(".")) -> MlflowClient:
+    """Point MLflow at the project's store (process-wide) and return a client."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    from_user = bool(env) and env != os.environ.get(_OURS)
+    uri = tracking_uri(params.tracking, root)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if from_user:
+        os.environ.pop(_OURS, None)
+    else:
+        os.environ[_OURS] = uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+_TRANSIENT = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
+
+
+def _transient(err: Exception) -> bool:
+    """A failure worth retrying: no connection, a timeout, a server error; not a request
+    the server understood and refused."""
+    from mlflow.exceptions import RestException
+
+    if isinstance(err, RestException):
+        return err.error_code in _TRANSIENT
+    return True
+
+
+def retrying(cfg: TrackingParams, what: str, call: Callable[[], T]) -> T:
+    """``call()``, tried ``1 + cfg.retries`` times with doubling waits while it fails for
+    a transient reason (see :func:`_transient`).
+
+    Raises:
+        TrackingError: every try failed, or the server refused the request.
+    """
+    wait = cfg.retry_wait_s
+    for attempt in range(cfg.retries + 1):
+        try:
+            return call()
+        except (MlflowException, OSError) as err:  # requests' errors are OSErrors
+            if not _transient(err):
+                raise TrackingError(f"MLflow: {what} was refused: {err}") from err
+            if attempt == cfg.retries:
+                raise TrackingError(
+                    f"MLflow: {what} failed after {cfg.retries + 1} tries ({err}); check that "
+                    f"the tracking server at {mlflow.get_tracking_uri()} is up"
+                ) from err
+            log.warning("MLflow: %s failed (%s); retrying in %.1f s", what, err, wait)
+            time.sleep(wait)
+            wait *= 2
+    raise AssertionError("unreachable")
+
+
+def experiment_id(client: MlflowClient, params: Params, task: str, root: Path) -> str:
+    """The task's experiment (``<prefix>-<task>``), created on first use; artifacts of a
+    local store go to ``tracking.artifacts`` in the project root."""
+    name = f"{params.tracking.experiment_prefix}-{task}"
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    location = None
+    if _is_local(client.tracking_uri):
+        location = ((root / params.tracking.artifacts).resolve() / name).as_uri()
+    try:
+        # the kind makes the MLflow UI open the experiment on its runs table
+        kind = {"mlflow.experimentKind": "custom_model_development"}
+        return str(client.create_experiment(name, artifact_location=location, tags=kind))
+    except MlflowException:  # created meanwhile by a parallel run
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return str(found.experiment_id)

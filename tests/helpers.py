@@ -1,0 +1,251 @@
+"""Helpers shared by the test modules: constants, classes and plain functions.
+
+Fixtures live in the ``conftest.py`` files, which build them from these; test modules
+import from here, never from a conftest or from one another. Heavy libraries are imported
+inside the functions that need them, so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from medimg.config import DataParams, Params, SynthParams, TaskTrainParams, TrainParams
+
+# --- tools -----------------------------------------------------------------------------
+
+
+def tool_path(name: str) -> str:
+    """A command-line tool from this environment's bin folder, else from PATH.
+
+    Fails (never skips) when the tool is missing: it is a declared dev dependency.
+    """
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found: install the dev extras (pip install -e '.[dev]')")
+    return found
+
+
+# --- the tiny synthetic cohort ---------------------------------------------------------
+
+# Small enough to write in about a second, large enough to hold every orientation,
+# both modalities, shuffled and descending stacks, and lesions of a few voxels.
+TINY_SYNTH = SynthParams(
+    seed=7,
+    n_patients=8,
+    matrix=48,
+    n_slices=16,
+    lesion_radius_mm=(8.0, 12.0),
+    centre_jitter_mm=3.0,
+    shuffle_instance_fraction=0.5,
+    descending_fraction=0.5,
+    mr_fraction=0.35,
+)
+# The pseudonym key of the tests: fixed, so the same pseudonyms, hence splits, in every
+# session. With the split salt below it gives the tiny cohort's test set and both folds
+# patients of both labels (test_evaluate asserts it of the test set).
+TEST_SALT = "medimg-test-salt-24"
+
+
+@dataclass(frozen=True)
+class Cohort:
+    root: Path
+    params: Params
+    counts: dict[str, int]
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def masks(self) -> Path:
+        return self.root / "data" / "masks"
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "data" / "labels.csv"
+
+    @property
+    def truth(self) -> Path:
+        return self.root / "data" / "synth_truth.csv"
+
+
+def write_cohort(root: Path, synth: SynthParams = TINY_SYNTH) -> Cohort:
+    from medimg import stages
+
+    params = Params(data=DataParams(), synth=synth)
+    counts = stages.synth(params, root=root)
+    return Cohort(root=root, params=params, counts=counts)
+
+
+@dataclass(frozen=True)
+class Processed:
+    cohort: Cohort
+    root: Path
+    params: Params
+    qc: dict
+
+    @property
+    def interim(self) -> Path:
+        return self.root / "interim"
+
+    @property
+    def processed(self) -> Path:
+        return self.root / "processed"
+
+
+def process_cohort(
+    cohort: Cohort, root: Path, salt: Path | None = None, **preprocess: object
+) -> Processed:
+    """Ingest and preprocess ``cohort`` under ``root`` (salt file default: in root)."""
+    from medimg import stages
+    from medimg.config import IngestParams, PreprocessParams, SplitParams, TrackingParams
+
+    if salt is None:  # a fixed key: the same pseudonyms, hence splits, in every session
+        salt = root / "salt"
+        root.mkdir(parents=True, exist_ok=True)
+        salt.write_text(TEST_SALT)  # chosen so both folds and the test set hold both labels
+        salt.chmod(0o600)
+    data = DataParams(
+        raw=cohort.raw,
+        labels=cohort.labels,
+        masks=cohort.masks,
+        interim=root / "interim",
+        processed=root / "processed",
+    )
+    params = Params(
+        data=data,
+        synth=cohort.params.synth,
+        ingest=IngestParams(salt_file=salt),
+        preprocess=PreprocessParams(**preprocess),  # type: ignore[arg-type]
+        split=SplitParams(salt="medimg-split-v1", n_folds=2, test_fraction=0.25),
+        tracking=TrackingParams(enabled=False),  # tests that track pass their own store
+    )
+    stages.ingest(params)
+    qc = stages.preprocess(params)
+    return Processed(cohort=cohort, root=root, params=params, qc=qc)
+
+
+# --- DICOM series and planted identifiers ----------------------------------------------
+
+
+def make_series(folder: Path, src: Path, n: int = 3, **changes: object) -> tuple[str, list[Path]]:
+    """Copy one real image into an n-slice series: fresh UIDs, axial, 5 mm apart, and
+    ``changes`` set on every slice. Returns the SeriesInstanceUID and the files."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    uid = generate_uid()
+    paths = []
+    for k in range(n):
+        ds = pydicom.dcmread(src)
+        ds.SeriesInstanceUID = uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.ImagePositionPatient = [0.0, 0.0, 5.0 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.InstanceNumber = k + 1
+        for key, value in changes.items():
+            setattr(ds, key, value)
+        path = folder / f"IM{k}"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return uid, paths
+
+
+CANARY = "CNRY"  # every planted identifier contains it
+
+
+def plant_canaries(cohort: Cohort, dest: Path) -> tuple[Path, Path]:
+    """Copy the cohort to ``dest/raw``, writing a unique ``CNRY...`` string into every
+    Annex E attribute that holds text, a private tag, the patient's name and ID, and the
+    folder names; ``dest/labels.csv`` gets the matching patient IDs. Returns both paths."""
+    import pydicom
+
+    from medimg.dicom.deid import ANNEX_E
+
+    raw = dest / "raw"
+    for i, src in enumerate(sorted(p for p in cohort.raw.rglob("*") if p.is_file())):
+        ds = pydicom.dcmread(src)
+        patient_id = ds.PatientID
+        for tag, action in ANNEX_E.items():
+            if tag.group in (0x0002,) or action == "U":
+                continue
+            try:
+                keyword = pydicom.datadict.keyword_for_tag(tag)
+                vr = pydicom.datadict.dictionary_VR(tag)
+            except KeyError:
+                continue
+            if vr in ("LO", "SH", "PN", "LT", "ST", "UT", "CS") and keyword not in ("PatientName",):
+                value = f"{CANARY}{i:03d}{keyword[:6]}".upper()[:16]
+                setattr(ds, keyword, value)
+        block = ds.private_block(0x0011, "CANARY CREATOR", create=True)
+        block.add_new(0x01, "LO", f"{CANARY}PRIVATE")
+        ds.PatientName = f"{CANARY}NAME^SECRET"
+        ds.PatientID = f"{CANARY}ID" + patient_id
+        dst = raw / f"{CANARY}FOLDER_{src.parent.name}" / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(dst, enforce_file_format=True)
+    labels = dest / "labels.csv"
+    with cohort.labels.open() as f, labels.open("w") as g:
+        for line in f:
+            g.write(line if line.startswith("patient_id") else f"{CANARY}ID" + line)
+    return raw, labels
+
+
+# --- stage runs ------------------------------------------------------------------------
+
+
+def run_ingest(
+    raw: Path,
+    out: Path,
+    salt: Path,
+    labels: Path | None = None,
+    masks: Path | None = None,
+    **cfg: object,
+) -> dict:
+    from medimg.config import IngestParams
+    from medimg.ingest import IngestPaths, ingest
+
+    params = IngestParams(salt_file=salt, **cfg)  # type: ignore[arg-type]
+    return ingest(params, IngestPaths(input=raw, out=out, labels=labels, masks=masks))
+
+
+def fold_or_none(p: Processed) -> int | None:
+    """A validation fold holding both labels, whose training folds hold both too."""
+    import pandas as pd
+
+    table = pd.read_parquet(p.processed / "manifest.parquet")
+    for split, group in table[table["split"] != "test"].groupby("split"):
+        rest = table[(table["split"] != "test") & (table["split"] != split)]
+        if group["label"].nunique() == 2 and rest["label"].nunique() == 2:
+            return int(split)
+    return None
+
+
+def validation_fold(p: Processed) -> int:
+    """A validation fold holding both labels (fails the test if there is none)."""
+    found = fold_or_none(p)
+    if found is None:
+        pytest.fail("no fold of the tiny cohort holds both labels")
+    return found
+
+
+def train_params(p: Processed, out: Path, epochs: int = 3, **task: object) -> Params:
+    """Small 3D training params for ``p``, with models, metrics and plots under ``out``."""
+    data = p.params.data.model_copy(
+        update={"models": out / "models", "metrics": out / "metrics", "plots": out / "plots"}
+    )
+    train = TrainParams(
+        fold=validation_fold(p),
+        classify=TaskTrainParams(arch="resnet10", epochs=epochs, batch_size=4, patience=50, **task),  # type: ignore[arg-type]
+        segment=TaskTrainParams(arch="resnet18", epochs=epochs, batch_size=2, patience=50, **task),  # type: ignore[arg-type]
+    )
+    return p.params.model_copy(update={"data": data, "train": train})
