@@ -225,6 +225,9 @@ class TrainParams(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
     amp: bool = True  # mixed precision (on CUDA only)
     fold: int = Field(0, ge=0)  # the validation fold; the other folds train
+    reproducible: bool = True  # the same numbers on every x86-64 CPU with AVX2: pins the
+    # instruction sets, the thread count and deterministic algorithms (docs/training.md)
+    threads: int = Field(2, ge=1)  # intra-op threads when reproducible (results depend on it)
     classify: ClassifyParams = ClassifyParams()
     segment: SegmentParams = SegmentParams()
 

@@ -22,7 +22,7 @@ from medimg import plots
 from medimg.config import Params
 from medimg.errors import ConfigError
 from medimg.io import atomic_path, atomic_write_text
-from medimg.runtime import resolve_device
+from medimg.runtime import environment, pin_reproducible, resolve_device
 from medimg.stats import N_BOOT
 from medimg.tasks import TaskSpec, get_task
 
@@ -82,6 +82,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate ``task`` on the test patients; write metrics JSON and plots."""
     spec = get_task(task)
+    t = params.train
+    env = pin_reproducible(t.threads) if t.reproducible else environment(False)
     table = pd.read_parquet(processed / "manifest.parquet")
     test = table[table["split"] == "test"]
     if test.empty:
@@ -93,6 +95,7 @@ def evaluate(
         "n_test_series": len(test),
         "n_test_patients": int(test["patient"].nunique()),
         "ci": f"95% bootstrap over patients, {N_BOOT} resamples",
+        "reproducible": env["reproducible"] == "true",  # the rest of env: the MLflow run
     }
     val = table[table["split"] == str(params.train.fold)]
     pred = _predict_table(spec, params, model, processed, test)

@@ -67,6 +67,14 @@ class EarlyStopping:
     def stop(self) -> bool:
         return self.bad_epochs >= self.patience
 
+    def share(self) -> None:
+        """Under DDP: every rank takes rank 0's state (only rank 0 validates)."""
+        import torch.distributed as dist
+
+        shared: list[Any] = [self.bad_epochs, self.best_metric, self.best_epoch]
+        dist.broadcast_object_list(shared, src=0)
+        self.bad_epochs, self.best_metric, self.best_epoch = shared
+
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of it."""
         return {

@@ -154,6 +154,7 @@ class _Result(Protocol):  # what the card says of a run (a medimg.train.TrainRes
     best_epoch: int
     best_metric: float
     initialisation: str
+    environment: dict[str, str]
 
 
 def write_model_card(
@@ -197,6 +198,8 @@ def write_model_card(
         f" {task.val_metric_card} {result.best_metric:.3f}), AdamW lr {cfg.lr},"
         f" batch {cfg.batch_size}, seed {seed}.",
         "",
+        "**Environment.** " + _environment(result.environment),
+        "",
         "**Evaluation.** Test-set metrics with 95 % patient-level bootstrap intervals are in"
         f" `metrics/{task.name}.json` and in the MLflow run.",
         "",
@@ -209,3 +212,22 @@ def write_model_card(
         "",
     ]
     atomic_write_text(path, "\n".join(lines))
+
+
+def _environment(env: dict[str, str]) -> str:
+    """One sentence of what decided the run's numbers besides its inputs."""
+    if not env:
+        return "not recorded."
+    mode = (
+        "reproducible mode (instruction sets, threads and algorithms pinned: the same"
+        " numbers on any x86-64 CPU with AVX2)"
+        if env.get("reproducible") == "true"
+        else "not pinned (numbers may differ on another CPU)"
+    )
+    versions = ", ".join(
+        f"{k.split('.', 1)[1]} {v}" for k, v in env.items() if k.startswith("version.")
+    )
+    return (
+        f"{mode}; ran {env.get('cpu_capability', '?')} kernels on {env.get('threads', '?')}"
+        f" threads, {env.get('machine', '?')}; {versions}."
+    )

@@ -1,4 +1,5 @@
-"""The process a run trains or predicts in: device, seeds, memory allocator, DDP.
+"""The process a run trains or predicts in: device, seeds, memory allocator, DDP, and what
+makes CPU results the same on every machine.
 
 Process-wide settings, made at the start of a run and nowhere else.
 """
@@ -6,8 +7,10 @@ Process-wide settings, made at the start of a run and nowhere else.
 from __future__ import annotations
 
 import os
+import platform
 import random
 import sys
+from importlib.metadata import version
 
 import numpy as np
 import torch
@@ -74,3 +77,62 @@ def distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world
+
+
+# Reproducible mode (train.reproducible). CPU results depend on the machine through the
+# vector instructions each library picks at run time and through the number of threads
+# a reduction is split over. Pinned here, to what nearly every x86-64 CPU since 2013 has:
+PINNED_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",  # PyTorch's own vectorised kernels
+    "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN: convolutions, pooling, batch norm
+    "MKL_CBWR": "AVX2",  # MKL's conditional numerical reproducibility: matrix products
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+DETERMINISTIC_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # deterministic cuBLAS on GPUs
+
+
+def pin_reproducible(threads: int) -> dict[str, str]:
+    """Pin what makes results depend on the machine, before the process's first tensor
+    operation: the CPU instruction sets (:data:`PINNED_ENV`), the intra-op thread count,
+    and deterministic algorithms (cuDNN and cuBLAS included). Returns what the run really
+    had (:func:`environment`): each library reads its setting once, at its first use, so
+    a process that already computed keeps what it started with, and the record says so.
+
+    Exact equality holds across x86-64 CPUs with AVX2 (docs/training.md); GPUs give no
+    bitwise guarantee across models and drivers, only run-to-run determinism on one.
+    """
+    os.environ.update(PINNED_ENV)
+    os.environ.update(DETERMINISTIC_ENV)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    return environment(reproducible=True)
+
+
+def environment(reproducible: bool) -> dict[str, str]:
+    """What decides a run's numbers besides its inputs: the pinning, the instruction set
+    PyTorch runs, the thread count, the machine and the installed versions."""
+    record = {
+        "reproducible": str(reproducible).lower(),
+        "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+        "threads": str(torch.get_num_threads()),
+        "deterministic": str(torch.are_deterministic_algorithms_enabled()).lower(),
+        "machine": f"{platform.machine()} {_cpu_model()}".strip(),
+        "python": platform.python_version(),
+    }
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR"):
+        record[name.lower()] = os.environ.get(name, "")
+    for package in ("torch", "monai", "numpy", "medimg"):
+        record[f"version.{package}"] = version(package)
+    return record
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

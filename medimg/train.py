@@ -8,12 +8,9 @@ improvement, and write a checkpoint atomically (:mod:`medimg.checkpoint`). The r
 of epoch e depends only on (seed, e), so a run resumed after epoch k is the same, bit for
 bit on CPU, as one never stopped.
 
-What differs between tasks (network, loss, metric) comes from :mod:`medimg.tasks`.
-
-``torchrun --nproc_per_node=N -m medimg.cli train ...`` runs DistributedDataParallel (NCCL
-on CUDA, gloo on CPU); rank 0 validates and writes.
-
-2D models (``train.<task>.spatial_dims: 2``) train on axial slices with the same loop.
+What differs between tasks (network, loss, metric) comes from :mod:`medimg.tasks`; 2D
+models train on axial slices with the same loop. ``torchrun --nproc_per_node=N -m
+medimg.cli train ...`` runs DistributedDataParallel; rank 0 validates and writes.
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ import torch
 from monai.data import Dataset
 from torch import nn
 
+from medimg import runtime
 from medimg.checkpoint import (
     CHECKPOINT,
     WEIGHTS,
@@ -48,7 +46,6 @@ from medimg.io import atomic_write_text, remove_temporaries
 from medimg.models.pretrained import LoadReport, freeze_encoder, load_pretrained, param_groups
 from medimg.optim import EarlyStopping, build_optimizer, lr_schedule
 from medimg.report import write_model_card
-from medimg.runtime import distributed, resolve_device, seed_everything, tune_allocator
 from medimg.tasks import TaskSpec, get_task
 
 log = logging.getLogger(__name__)
@@ -65,6 +62,8 @@ class TrainConfig:
     device: str = "auto"  # train.device
     amp: bool = True  # train.amp (CUDA only)
     fold: int = 0  # train.fold, the validation fold
+    reproducible: bool = False  # train.reproducible: pin what makes CPU results vary
+    threads: int = 2  # train.threads, in reproducible mode
     resolved: Mapping[str, Any] = field(default_factory=dict)  # saved with the weights
     pretrained_file: Path | None = None  # the local file model.pretrained resolves to,
     # when that is an MLflow model URI (medimg.tracking.pretrained_file)
@@ -80,6 +79,8 @@ class TrainConfig:
             device=t.device,
             amp=t.amp,
             fold=t.fold,
+            reproducible=t.reproducible,
+            threads=t.threads,
             resolved=params.model_dump(mode="json"),
         )
 
@@ -109,6 +110,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False
     initialisation: str = "pretrained: none (random initialisation)"  # the load report
+    environment: dict[str, str] = field(default_factory=dict)  # medimg.runtime.environment
 
 
 @dataclass
@@ -135,9 +137,9 @@ class Trainer:
     def __init__(self, task: TaskSpec, config: TrainConfig, processed: Path, out_dir: Path):
         self.task, self.config = task, config
         self.processed, self.out_dir = processed, out_dir
-        self.device = resolve_device(config.device)
+        self.device = runtime.resolve_device(config.device)
         self.amp = config.amp and self.device.type == "cuda"
-        self.rank, self.world = distributed()
+        self.rank, self.world = runtime.distributed()
         self.writer = BackgroundWriter()
 
     def _loaders(self) -> tuple[Any, Any, Any, Any, Dataset | list[dict[str, Any]]]:
@@ -221,7 +223,7 @@ class Trainer:
         cfg = self.config.model
         # Epoch e's randomness is a function of (seed, e): resuming repeats it exactly.
         epoch_seed = self.config.seed * 1000 + epoch
-        seed_everything(epoch_seed)
+        runtime.seed_everything(epoch_seed)
         c.generator.manual_seed(epoch_seed)
         c.train_transform.set_random_state(seed=epoch_seed)
         if c.sampler is not None:
@@ -248,8 +250,7 @@ class Trainer:
     def validate(
         self, model: nn.Module, val_items: Sequence[dict[str, Any]] | Dataset
     ) -> tuple[float, float]:
-        """(loss, metric) over prepared validation items, in batches of the training
-        batch size."""
+        """(loss, metric) over prepared validation items, a training batch at a time."""
         losses: list[float] = []
         outputs: list[Any] = []
         size, patch = self.config.model.batch_size, self.config.augment.patch_size
@@ -262,18 +263,10 @@ class Trainer:
             outputs += chunk_outputs
         return float(np.mean(losses)), float(self.task.validation_metric(outputs))
 
-    def _share(self, stopper: EarlyStopping) -> None:
-        """Every rank follows rank 0's early-stopping state."""
-        import torch.distributed as dist
-
-        shared: list[Any] = [stopper.bad_epochs, stopper.best_metric, stopper.best_epoch]
-        dist.broadcast_object_list(shared, src=0)
-        stopper.bad_epochs, stopper.best_metric, stopper.best_epoch = shared
-
     def run(self, callbacks: Sequence[Callback] = (), resume: bool = False) -> TrainResult:
         if self.device.type == "cpu":
-            tune_allocator()
-        seed_everything(self.config.seed)
+            runtime.tune_allocator()
+        runtime.seed_everything(self.config.seed)
         c = self.build_components()
         cfg, out = self.config.model, self.out_dir
         stopper = EarlyStopping(cfg.patience, self.task.maximize)
@@ -301,7 +294,7 @@ class Trainer:
                     payload = weights_payload(c.model, self.task.name, dict(self.config.resolved))
                     self.writer.save(payload, out / WEIGHTS, live=live_tensors(c.model))
                 if self.world > 1:
-                    self._share(stopper)
+                    stopper.share()
                 seconds = time.perf_counter() - t0
                 lr = float(c.scheduler.get_last_lr()[0])
                 entry = EpochLog(epoch, train_loss, val_loss, val_metric, lr, seconds, best)
@@ -358,6 +351,12 @@ def train(
     ``config.json``, ``model_card.md`` and, when given, ``metrics_file`` (history and
     best epoch)."""
     spec = get_task(task)
+    # before the run's first tensor operation: the libraries read their settings once
+    env = (
+        runtime.pin_reproducible(config.threads)
+        if config.reproducible
+        else runtime.environment(False)
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     # a run killed while writing leaves its temporary files: a rerun starts without them
     remove_temporaries(out_dir)
@@ -372,6 +371,7 @@ def train(
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+    result.environment = env
     if trainer.rank == 0:
         write_model_card(
             out_dir / "model_card.md",

@@ -215,8 +215,10 @@ class TrainRun:
                 Metric("best_val_metric", float(result.best_metric), now, 0),
                 Metric("best_epoch", float(result.best_epoch), now, 0),
             ]
-            stopped = RunTag("medimg.stopped_early", str(result.stopped_early).lower())
-            client.log_batch(run_id, metrics=best, tags=[stopped])
+            tags = [RunTag("medimg.stopped_early", str(result.stopped_early).lower())]
+            env = getattr(result, "environment", {}) or {}
+            tags += [RunTag(f"medimg.env.{k}", v) for k, v in sorted(env.items())]
+            client.log_batch(run_id, metrics=best, tags=tags)
             for name in ("model_card.md", "config.json"):
                 _artifact(client, run_id, self.model_dir / name)
             if metrics_file is not None:

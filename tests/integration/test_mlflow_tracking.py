@@ -58,6 +58,11 @@ def test_runs_metrics_tags_and_artifacts_reach_the_server(tracked: Tracked) -> N
     ).stdout.strip()
     assert tags["mlflow.source.git.commit"] == head
     assert tags["medimg.git.dirty"] in ("true", "false")
+    # what decided the numbers besides the inputs: reproducible mode, as params.yaml says
+    assert tags["medimg.env.reproducible"] == "true"
+    capability = str(torch.backends.cpu.get_cpu_capability())  # this process's, recorded
+    assert (tags["medimg.env.cpu_capability"], tags["medimg.env.threads"]) == (capability, "2")
+    assert tags["medimg.env.version.torch"] == torch.__version__
     assert tags["medimg.dvc.processed_md5"] == tracking.dvc_dir_md5(tracked.processed)
     assert tags["medimg.dvc.params_md5"] == tracking.file_md5(tracked.root / "params.yaml")
     assert len(tags["medimg.test_set"]) == 16 and tags["medimg.evaluated"] == "true"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -37,3 +40,69 @@ def test_seed_everything_repeats_python_numpy_and_torch() -> None:
 def test_a_single_process_is_rank_0_of_1(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed() == (0, 1)
+
+
+TRAIN_STEPS = """
+import hashlib, sys
+from medimg import runtime
+if sys.argv[1] == "pin":
+    runtime.pin_reproducible(2)
+import torch
+from medimg.config import TaskTrainParams
+from medimg.models.build import build_model
+torch.manual_seed(0)
+model = build_model("classify", TaskTrainParams(arch="resnet10"))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+x, y = torch.randn(4, 1, 32, 32, 32), torch.tensor([0.0, 1.0, 0.0, 1.0])
+for _ in range(3):
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).squeeze(1), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+weights = b"".join(p.detach().numpy().tobytes() for p in model.parameters())
+print(hashlib.sha256(weights).hexdigest(), torch.backends.cpu.get_cpu_capability())
+"""
+# two machines as the libraries see them: the instruction set they may use, the cores
+MACHINES = {
+    "no vector kernels, 1 thread": {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"},
+    "AVX2 kernels, 2 threads": {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "2"},
+}
+
+
+def _train_steps(mode: str, machine: dict[str, str]) -> tuple[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
+    env.update(machine)
+    out = subprocess.run(
+        [sys.executable, "-c", TRAIN_STEPS, mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    digest, capability = out.stdout.split()[-2:]
+    return digest, capability
+
+
+def test_pinned_runs_agree_across_machines_and_unpinned_ones_do_not() -> None:
+    """Three training steps in two processes that differ as two machines do (ISA level
+    and thread count): bit-identical weights in reproducible mode, different without."""
+    free = {name: _train_steps("free", m) for name, m in MACHINES.items()}
+    pinned = {name: _train_steps("pin", m) for name, m in MACHINES.items()}
+    assert [c for _, c in free.values()] == ["DEFAULT", "AVX2"]  # the machines differ
+    assert len({d for d, _ in free.values()}) == 2  # and so do their numbers, unpinned
+    assert [c for _, c in pinned.values()] == ["AVX2", "AVX2"]
+    assert len({d for d, _ in pinned.values()}) == 1  # pinned: the same bits
+
+
+def test_the_environment_record_says_what_was_pinned() -> None:
+    code = "import json; from medimg import runtime; print(json.dumps(runtime.pin_reproducible(3)))"
+    env = {"PATH": "/usr/bin:/bin", "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    record = json.loads(out.stdout)
+    assert record["reproducible"] == "true" and record["deterministic"] == "true"
+    assert (record["cpu_capability"], record["threads"]) == ("AVX2", "3")
+    assert (record["aten_cpu_capability"], record["onednn_max_cpu_isa"]) == ("avx2", "AVX2")
+    assert record["version.torch"].startswith("2.")

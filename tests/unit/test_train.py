@@ -153,6 +153,10 @@ def test_trained_segmenter_encoder_initialises_the_classifier(
     assert "loaded 85/85 backbone tensors (100.0%)" in result.initialisation
     card = (tmp_path / "warm" / "models" / "classify" / "model_card.md").read_text()
     assert result.initialisation in card
+    # and what decided the numbers besides the inputs
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert "**Environment.** reproducible mode" in card
+    assert f"ran {capability} kernels on 2 threads" in card
 
 
 def test_a_metric_tie_goes_to_the_lower_validation_loss(
