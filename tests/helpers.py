@@ -33,6 +33,43 @@ def tool_path(name: str) -> str:
     return found
 
 
+def dcm2niix(src: Path, out: Path, name: str = "%j", sidecar: bool = False) -> None:
+    """dcm2niix on ``src`` into ``out`` (uncompressed NIfTI; with ``sidecar``, the JSON
+    and diffusion files too); fails with its output when it fails."""
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    options = ["-b", "y" if sidecar else "n", "-z", "n", "-f", name, "-o", str(out)]
+    proc = subprocess.run(
+        [tool_path("dcm2niix"), *options, str(src)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def canonical(path: Path):  # -> nib.Nifti1Image (nibabel imported lazily)
+    import nibabel as nib
+
+    return nib.as_closest_canonical(nib.load(path))
+
+
+def assert_same_volume(
+    ours: Path, ref: Path, pixels: bool = True, frame: int | None = None
+) -> None:
+    """Same grid (affine to 1e-3 mm) and, with ``pixels``, the same values; ``frame``
+    picks one volume of a 4D reference."""
+    import numpy as np
+
+    a, b = canonical(ours), canonical(ref)
+    assert a.shape[:3] == b.shape[:3]
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-3)
+    if pixels:
+        data = b.get_fdata() if frame is None else b.dataobj[..., frame]
+        np.testing.assert_allclose(a.get_fdata(), np.asarray(data).reshape(a.shape), rtol=1e-6)
+
+
 # --- the tiny synthetic cohort ---------------------------------------------------------
 
 # Small enough to write in about a second, large enough to hold every orientation,
@@ -249,3 +286,57 @@ def train_params(p: Processed, out: Path, epochs: int = 3, **task: object) -> Pa
         segment=TaskTrainParams(arch="resnet18", epochs=epochs, batch_size=2, patience=50, **task),  # type: ignore[arg-type]
     )
     return p.params.model_copy(update={"data": data, "train": train})
+
+
+def make_multistack_series(
+    folder: Path,
+    src: Path,
+    n_positions: int,
+    stacks: list[dict[str, object]],
+    *,
+    interleaved: bool = False,
+    file_folders: bool = False,
+    step_mm: float = 4.0,
+    changes: dict[tuple[int, int], dict[str, object]] | None = None,
+) -> tuple[str, list[object]]:
+    """One series of several stacks at the same ``n_positions`` positions, made from one
+    real image: stack ``s`` gets the attributes ``stacks[s]``, and every image distinct
+    pixels (the source's halved, plus 50 per position and 700 per stack).
+
+    Args:
+        interleaved: InstanceNumber runs through the stacks at each position (1: stack 0
+            at position 0, 2: stack 1 at position 0, ...); else stack by stack.
+        file_folders: each file in a folder of its own; else all in ``folder``.
+        changes: attributes set on the image of (stack, position) only.
+
+    Returns:
+        The SeriesInstanceUID and, per stack, its stored pixels (positions, rows, columns),
+        positions ascending along the slice normal.
+    """
+    import numpy as np
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    uid = generate_uid()
+    base = pydicom.dcmread(src).pixel_array.astype(np.int32) // 2
+    expected = []
+    for s, attrs in enumerate(stacks):
+        pixels = np.stack([base + 50 * k + 700 * s for k in range(n_positions)])
+        expected.append(pixels)
+        for k in range(n_positions):
+            ds = pydicom.dcmread(src)
+            ds.SeriesInstanceUID = uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.ImagePositionPatient = [0.0, 0.0, step_mm * k]
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            ds.SliceLocation = step_mm * k
+            ds.SliceThickness = step_mm
+            number = k * len(stacks) + s if interleaved else s * n_positions + k
+            ds.InstanceNumber = number + 1
+            for key, value in {**attrs, **(changes or {}).get((s, k), {})}.items():
+                setattr(ds, key, value)
+            ds.PixelData = pixels[k].astype(ds.pixel_array.dtype).tobytes()
+            where = folder / f"F{number:03d}" if file_folders else folder
+            where.mkdir(parents=True, exist_ok=True)
+            ds.save_as(where / f"IM{number:03d}", enforce_file_format=True)
+    return uid, expected
