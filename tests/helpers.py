@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 from medimg.config import DataParams, Params, SynthParams, TaskTrainParams, TrainParams
 
@@ -30,6 +35,17 @@ def tool_path(name: str) -> str:
     found = shutil.which(name)
     if found is None:
         pytest.fail(f"{name} not found: install the dev extras (pip install -e '.[dev]')")
+    return found
+
+
+def system_tool(name: str, package: str) -> str:
+    """A command from a Debian package that ``make system-packages`` installs.
+
+    Fails (never skips) when it is missing, naming the package to install.
+    """
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found: run `make system-packages` (apt-get install {package})")
     return found
 
 
@@ -68,6 +84,22 @@ def assert_same_volume(
     if pixels:
         data = b.get_fdata() if frame is None else b.dataobj[..., frame]
         np.testing.assert_allclose(a.get_fdata(), np.asarray(data).reshape(a.shape), rtol=1e-6)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The "Error" lines David Clunie's IOD validator (dicom3tools) prints for a file."""
+    import subprocess
+
+    proc = subprocess.run(
+        [system_tool("dciodvfy", "dicom3tools"), str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = (proc.stdout + proc.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    assert errors or proc.returncode == 0, f"{path}: dciodvfy exited {proc.returncode}"
+    return errors
 
 
 # --- the tiny synthetic cohort ---------------------------------------------------------
@@ -340,3 +372,68 @@ def make_multistack_series(
             where.mkdir(parents=True, exist_ok=True)
             ds.save_as(where / f"IM{number:03d}", enforce_file_format=True)
     return uid, expected
+
+
+_TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UI"}
+_TEXT_VRS |= {"UC", "UR", "UT"}
+_ONE_VALUE_VRS = {"LT", "ST", "UR", "UT"}  # a backslash is text in these
+
+
+def _texts(ds: Dataset) -> Iterator[tuple[str, str]]:
+    """(VR, value) of every text value of ``ds`` and its sequences, as the file holds it."""
+    from pydicom.dataelem import RawDataElement
+
+    for tag in sorted(ds.keys()):
+        raw, elem = ds.get_item(tag), ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value:
+                yield from _texts(item)
+        elif isinstance(raw, RawDataElement) and elem.VR in _TEXT_VRS and raw.value:
+            text = raw.value.decode("latin-1").rstrip("\x00 ")
+            for part in [text] if elem.VR in _ONE_VALUE_VRS else text.split("\\"):
+                yield elem.VR, part
+
+
+def dicom_problems(path: Path) -> list[str]:
+    """What three independent checks find wrong with a DICOM file: pydicom (a strict read
+    of every value, and each value validated as it would be when written), highdicom (the
+    Type 1 and 2 attributes of every mandatory module of the file's IOD) and dciodvfy
+    (its Error lines). Empty when the file is valid by all three."""
+    import warnings
+
+    import pydicom
+    from highdicom._standard_utils import (
+        check_required_attributes,
+        get_iod_module_map,
+        get_sop_class_iod_map,
+    )
+    from pydicom import config
+    from pydicom.valuerep import validate_value
+
+    problems: list[str] = []
+    old = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.RAISE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ds = pydicom.dcmread(path)
+            for vr, text in _texts(ds):  # as written, before pydicom converts them
+                validate_value(vr, text, config.RAISE)
+            for elem in ds.iterall():  # and converted, under the strict reading mode
+                _ = elem.value
+    except Exception as e:
+        problems.append(f"pydicom: {type(e).__name__}: {e}")
+        return problems
+    finally:
+        config.settings.reading_validation_mode = old
+    iod = get_sop_class_iod_map()[str(ds.SOPClassUID)]
+    for module in get_iod_module_map()[iod]:
+        # highdicom's check takes each functional group macro as required in the shared
+        # item, where the standard allows it per frame instead: dciodvfy checks those
+        if module["usage"] == "M" and not module["key"].endswith("functional-groups"):
+            try:
+                check_required_attributes(ds, module["key"])
+            except AttributeError as e:
+                problems.append(f"highdicom: {module['key']}: {e}")
+    problems += [f"dciodvfy: {line}" for line in dciodvfy_errors(path)]
+    return problems
