@@ -35,13 +35,14 @@ demo: $(STAMP)
 test: $(STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Debian packages the suite drives: Chromium for the UI tests. Installed with apt-get (as
-# root, or through sudo when it asks no password); otherwise make stops at once and names
-# the one command to run.
-SYSTEM_PACKAGES := chromium
+# Debian packages the suite drives, as command:package pairs (a package's command may be
+# named otherwise): Chromium for the UI tests, dciodvfy (dicom3tools) for the DICOM IOD
+# checks. Installed with apt-get (as root, or through sudo when it asks no password);
+# otherwise make stops at once and names the one command to run.
+SYSTEM_PACKAGES := chromium:chromium dciodvfy:dicom3tools
 system-packages:
-	@missing=""; for p in $(SYSTEM_PACKAGES); do \
-	    command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+	    command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
 	    elif sudo -n true 2>/dev/null; then sudo="sudo"; \

@@ -95,6 +95,22 @@ class SynthParams(StrictModel):
         return self
 
 
+StackChoice = Literal["first", "all"]
+
+
+class StacksParams(StrictModel):
+    """Which stacks of a split series ingest keeps (one stack per echo, time point, ...).
+
+    ``first`` keeps, of the stacks that differ in that family only, the one with the
+    lowest value (echo 1, the first time point, the lowest b-value); the others are set
+    aside as ``stack_not_kept``. Every kept stack carries its series' label.
+    """
+
+    echo: StackChoice = "all"  # EchoNumbers / EchoTime: multi-echo, dual-echo, Dixon
+    temporal: StackChoice = "all"  # TemporalPositionIdentifier, TriggerTime, AcquisitionNumber
+    diffusion: StackChoice = "all"  # DiffusionBValue and gradient direction
+
+
 class IngestParams(StrictModel):
     """DICOM folder to de-identified volumes, masks, manifest and QC report."""
 
@@ -119,6 +135,7 @@ class IngestParams(StrictModel):
     dask_address: str = ""  # tcp://host:8786 of a running Dask scheduler; "" = LocalCluster
     salt_file: Path = Path(".medimg-salt")  # secret key of the pseudonyms; never in git
     export_deid_dicom: bool = False  # also write de-identified DICOM copies
+    stacks: StacksParams = StacksParams()  # which stacks of a series split by echo, time, ...
 
 
 Triple = tuple[float, float, float]

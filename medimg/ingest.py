@@ -35,6 +35,7 @@ from medimg.conversion import pseudonymizer as _pseudonymizer
 from medimg.data import manifest as manifest_io
 from medimg.data.labels import read_labels
 from medimg.dicom.deid import Pseudonymizer
+from medimg.dicom.dimensions import FAMILIES, family_of, keep_first
 from medimg.dicom.discover import Discovery, Instance, Rejection, discover
 from medimg.dicom.series import GeometryTolerance, Stack, assemble
 from medimg.errors import DicomError
@@ -99,6 +100,49 @@ def _find_mask(masks: Path | None, series_uid: str) -> Path | None:
     return None
 
 
+def stack_key(pseudo: Pseudonymizer, stack: Stack) -> str:
+    """The pseudonymous key of a stack, stable across runs.
+
+    A series of one stack keeps its series key. Parts of a series whose slices differ in
+    grid (orientation, matrix, ImageType, spacing, pixel type) add ``-<part>``; stacks
+    split by echo, time point, b-value or dimension index add a keyed hash of the series
+    key and the splitting attributes and values (no UID, no raw value in a file name).
+    """
+    key = pseudo.key("series", stack.series_uid)
+    if stack.n_parts > 1:
+        key = f"{key}-{stack.part}"
+    if stack.split:
+        what = "|".join(f"{a}={v}" for a, v in stack.split)
+        key = f"{key}-{pseudo.key('stack', f'{key}|{what}', n=8)}"
+    return key
+
+
+def select_stacks(stacks: list[Stack], cfg: IngestParams) -> tuple[list[Stack], list[Stack]]:
+    """The stacks ``ingest.stacks`` keeps, and those it sets aside (``first`` of a family)."""
+    first = [f for f in FAMILIES if getattr(cfg.stacks, f, "all") == "first"]
+    if not first:
+        return list(stacks), []
+    by_part: dict[tuple[str, int], list[Stack]] = {}
+    for stack in stacks:
+        by_part.setdefault((stack.series_uid, stack.part), []).append(stack)
+    kept: list[Stack] = []
+    dropped: list[Stack] = []
+    for group in by_part.values():
+        for stack, keep in zip(group, keep_first([s.split for s in group], first), strict=True):
+            (kept if keep else dropped).append(stack)
+    return kept, dropped
+
+
+def _not_kept(stack: Stack, key: str, cfg: IngestParams) -> list[Rejection]:
+    which = ", ".join(
+        f"{a} {v} (ingest.stacks.{family_of(a)}: first)"
+        for a, v in stack.split
+        if getattr(cfg.stacks, family_of(a), "all") == "first"
+    )
+    detail = f"series {key}: stack {which} not kept"
+    return [Rejection(s.path, "stack_not_kept", detail, key=key) for s in stack.slices]
+
+
 def _read_record(path: Path) -> dict[str, Any] | None:
     try:
         return dict(json.loads(path.read_text()))
@@ -139,11 +183,12 @@ def plan_ingest(cfg: IngestParams, paths: IngestPaths) -> Plan:
     stacks, rejected = assemble(usable, tol, damaged)
     plan.rejected.extend(rejected)
     _check_strictness(cfg, plan.rejected, paths.input)
+    stacks, dropped = select_stacks(stacks, cfg)
+    for stack in dropped:
+        plan.rejected.extend(_not_kept(stack, stack_key(pseudo, stack), cfg))
     for stack in stacks:
         first = stack.first
-        key = pseudo.key("series", stack.series_uid)
-        if stack.n_parts > 1:
-            key = f"{key}-{stack.part}"
+        key = stack_key(pseudo, stack)
         mask = _find_mask(paths.masks, stack.series_uid)
         fingerprint = _fingerprint(stack, mask, cfg, pseudo)
         old = _read_record(paths.records / f"{key}.json")
@@ -162,6 +207,10 @@ def plan_ingest(cfg: IngestParams, paths: IngestPaths) -> Plan:
             "modality": first.modality,
             "vendor": first.manufacturer,
             "sop_class": first.sop_class,
+            # why the series gave several stacks, and this one's values (no PHI: header
+            # values such as EchoNumbers 2 or PixelSpacing 0.9\0.9)
+            "split_by": ", ".join(a for a, _ in stack.split_by) or None,
+            "split_value": ", ".join(v for _, v in stack.split_by) or None,
         }
         plan.jobs.append(Job(key, stack, fingerprint, meta, mask))
     log.info(

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 from medimg.config import DataParams, Params, SynthParams, TaskTrainParams, TrainParams
 
@@ -31,6 +36,70 @@ def tool_path(name: str) -> str:
     if found is None:
         pytest.fail(f"{name} not found: install the dev extras (pip install -e '.[dev]')")
     return found
+
+
+def system_tool(name: str, package: str) -> str:
+    """A command from a Debian package that ``make system-packages`` installs.
+
+    Fails (never skips) when it is missing, naming the package to install.
+    """
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found: run `make system-packages` (apt-get install {package})")
+    return found
+
+
+def dcm2niix(src: Path, out: Path, name: str = "%j", sidecar: bool = False) -> None:
+    """dcm2niix on ``src`` into ``out`` (uncompressed NIfTI; with ``sidecar``, the JSON
+    and diffusion files too); fails with its output when it fails."""
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    options = ["-b", "y" if sidecar else "n", "-z", "n", "-f", name, "-o", str(out)]
+    proc = subprocess.run(
+        [tool_path("dcm2niix"), *options, str(src)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def canonical(path: Path):  # -> nib.Nifti1Image (nibabel imported lazily)
+    import nibabel as nib
+
+    return nib.as_closest_canonical(nib.load(path))
+
+
+def assert_same_volume(
+    ours: Path, ref: Path, pixels: bool = True, frame: int | None = None
+) -> None:
+    """Same grid (affine to 1e-3 mm) and, with ``pixels``, the same values; ``frame``
+    picks one volume of a 4D reference."""
+    import numpy as np
+
+    a, b = canonical(ours), canonical(ref)
+    assert a.shape[:3] == b.shape[:3]
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-3)
+    if pixels:
+        data = b.get_fdata() if frame is None else b.dataobj[..., frame]
+        np.testing.assert_allclose(a.get_fdata(), np.asarray(data).reshape(a.shape), rtol=1e-6)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The "Error" lines David Clunie's IOD validator (dicom3tools) prints for a file."""
+    import subprocess
+
+    proc = subprocess.run(
+        [system_tool("dciodvfy", "dicom3tools"), str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = (proc.stdout + proc.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    assert errors or proc.returncode == 0, f"{path}: dciodvfy exited {proc.returncode}"
+    return errors
 
 
 # --- the tiny synthetic cohort ---------------------------------------------------------
@@ -249,3 +318,122 @@ def train_params(p: Processed, out: Path, epochs: int = 3, **task: object) -> Pa
         segment=TaskTrainParams(arch="resnet18", epochs=epochs, batch_size=2, patience=50, **task),  # type: ignore[arg-type]
     )
     return p.params.model_copy(update={"data": data, "train": train})
+
+
+def make_multistack_series(
+    folder: Path,
+    src: Path,
+    n_positions: int,
+    stacks: list[dict[str, object]],
+    *,
+    interleaved: bool = False,
+    file_folders: bool = False,
+    step_mm: float = 4.0,
+    changes: dict[tuple[int, int], dict[str, object]] | None = None,
+) -> tuple[str, list[object]]:
+    """One series of several stacks at the same ``n_positions`` positions, made from one
+    real image: stack ``s`` gets the attributes ``stacks[s]``, and every image distinct
+    pixels (the source's halved, plus 50 per position and 700 per stack).
+
+    Args:
+        interleaved: InstanceNumber runs through the stacks at each position (1: stack 0
+            at position 0, 2: stack 1 at position 0, ...); else stack by stack.
+        file_folders: each file in a folder of its own; else all in ``folder``.
+        changes: attributes set on the image of (stack, position) only.
+
+    Returns:
+        The SeriesInstanceUID and, per stack, its stored pixels (positions, rows, columns),
+        positions ascending along the slice normal.
+    """
+    import numpy as np
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    uid = generate_uid()
+    base = pydicom.dcmread(src).pixel_array.astype(np.int32) // 2
+    expected = []
+    for s, attrs in enumerate(stacks):
+        pixels = np.stack([base + 50 * k + 700 * s for k in range(n_positions)])
+        expected.append(pixels)
+        for k in range(n_positions):
+            ds = pydicom.dcmread(src)
+            ds.SeriesInstanceUID = uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.ImagePositionPatient = [0.0, 0.0, step_mm * k]
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            ds.SliceLocation = step_mm * k
+            ds.SliceThickness = step_mm
+            number = k * len(stacks) + s if interleaved else s * n_positions + k
+            ds.InstanceNumber = number + 1
+            for key, value in {**attrs, **(changes or {}).get((s, k), {})}.items():
+                setattr(ds, key, value)
+            ds.PixelData = pixels[k].astype(ds.pixel_array.dtype).tobytes()
+            where = folder / f"F{number:03d}" if file_folders else folder
+            where.mkdir(parents=True, exist_ok=True)
+            ds.save_as(where / f"IM{number:03d}", enforce_file_format=True)
+    return uid, expected
+
+
+_TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UI"}
+_TEXT_VRS |= {"UC", "UR", "UT"}
+_ONE_VALUE_VRS = {"LT", "ST", "UR", "UT"}  # a backslash is text in these
+
+
+def _texts(ds: Dataset) -> Iterator[tuple[str, str]]:
+    """(VR, value) of every text value of ``ds`` and its sequences, as the file holds it."""
+    from pydicom.dataelem import RawDataElement
+
+    for tag in sorted(ds.keys()):
+        raw, elem = ds.get_item(tag), ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value:
+                yield from _texts(item)
+        elif isinstance(raw, RawDataElement) and elem.VR in _TEXT_VRS and raw.value:
+            text = raw.value.decode("latin-1").rstrip("\x00 ")
+            for part in [text] if elem.VR in _ONE_VALUE_VRS else text.split("\\"):
+                yield elem.VR, part
+
+
+def dicom_problems(path: Path) -> list[str]:
+    """What three independent checks find wrong with a DICOM file: pydicom (a strict read
+    of every value, and each value validated as it would be when written), highdicom (the
+    Type 1 and 2 attributes of every mandatory module of the file's IOD) and dciodvfy
+    (its Error lines). Empty when the file is valid by all three."""
+    import warnings
+
+    import pydicom
+    from highdicom._standard_utils import (
+        check_required_attributes,
+        get_iod_module_map,
+        get_sop_class_iod_map,
+    )
+    from pydicom import config
+    from pydicom.valuerep import validate_value
+
+    problems: list[str] = []
+    old = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.RAISE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ds = pydicom.dcmread(path)
+            for vr, text in _texts(ds):  # as written, before pydicom converts them
+                validate_value(vr, text, config.RAISE)
+            for elem in ds.iterall():  # and converted, under the strict reading mode
+                _ = elem.value
+    except Exception as e:
+        problems.append(f"pydicom: {type(e).__name__}: {e}")
+        return problems
+    finally:
+        config.settings.reading_validation_mode = old
+    iod = get_sop_class_iod_map()[str(ds.SOPClassUID)]
+    for module in get_iod_module_map()[iod]:
+        # highdicom's check takes each functional group macro as required in the shared
+        # item, where the standard allows it per frame instead: dciodvfy checks those
+        if module["usage"] == "M" and not module["key"].endswith("functional-groups"):
+            try:
+                check_required_attributes(ds, module["key"])
+            except AttributeError as e:
+                problems.append(f"highdicom: {module['key']}: {e}")
+    problems += [f"dciodvfy: {line}" for line in dciodvfy_errors(path)]
+    return problems

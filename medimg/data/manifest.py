@@ -18,7 +18,7 @@ from medimg.io import atomic_path, atomic_write_text
 MANIFEST_COLUMNS = [
     "key", "patient", "study", "series", "modality", "vendor", "plane", "orientation",
     "shape", "spacing", "dtype", "n_slices", "flags", "status", "label", "volume", "mask",
-    "lesion_voxels", "intensity_p01", "intensity_p99", "content_hash",
+    "lesion_voxels", "intensity_p01", "intensity_p99", "content_hash", "split_by", "split_value",
 ]
 
 
@@ -50,14 +50,34 @@ def write_quarantine(rejected: Iterable[Rejection], root: Path, path: Path) -> l
     return ordered
 
 
+def split_series(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The series that gave several volumes: series key, volume keys, splitting attributes."""
+    by_series: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("split_by"):
+            by_series.setdefault(str(r.get("series")), []).append(r)
+    return [
+        {
+            "series": series,
+            "keys": sorted(r["key"] for r in rows),
+            "split_by": ", ".join(sorted({a for r in rows for a in r["split_by"].split(", ")})),
+        }
+        for series, rows in sorted(by_series.items())
+    ]
+
+
 def write_qc(summary: dict[str, Any], records: list[dict[str, Any]], out: Path) -> None:
     """``qc.json`` for machines and ``qc.html`` for people; neither names a source file."""
-    series = [
-        {k: r[k] for k in ("key", "modality", "vendor", "plane", "n_slices", "status", "flags",
-                           "label", "lesion_voxels")}
+    series: list[dict[str, Any]] = [
+        {k: r.get(k) for k in ("key", "series", "modality", "vendor", "plane", "n_slices",
+                               "status", "flags", "label", "lesion_voxels", "split_by",
+                               "split_value")}
         for r in records
     ]
-    atomic_write_text(out / "qc.json", json.dumps({**summary, "series": series}, indent=1))
+    split = split_series(records)
+    atomic_write_text(
+        out / "qc.json", json.dumps({**summary, "split_series": split, "series": series}, indent=1)
+    )
     esc = html.escape
 
     def table(head: list[str], rows: Iterable[Iterable[Any]]) -> str:
@@ -79,6 +99,11 @@ tr.flagged td{{background:#fff4d6}}</style></head><body>
 <h2>Quarantined files by reason</h2>
 <p>The files themselves are listed in <code>quarantine.csv</code>.</p>
 {table(["reason", "files"], summary["quarantine_reasons"].items())}
+<h2>Series split into several volumes</h2>
+<p>Slices that differ in grid (PixelSpacing, matrix, ...) or that share positions but not
+echo, time point, b-value or dimension index make one volume each.</p>
+{table(["series", "volumes", "split by"],
+       ((s["series"], ", ".join(s["keys"]), s["split_by"]) for s in split))}
 <h2>Volumes</h2>{table(list(series[0]) if series else ["key"],
                        ([s[k] if k != "flags" else ", ".join(s[k]) for k in s] for s in series))}
 </body></html>

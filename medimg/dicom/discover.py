@@ -8,11 +8,12 @@ typed reason. Non-DICOM files, DICOMDIRs (never followed as paths) and non-image
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from medimg.dicom.dimensions import Dims, frame_dims, single_frame_dims
 from medimg.dicom.read import dcmread
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class Frame:
     slope: float = 1.0  # RescaleSlope
     intercept: float = 0.0  # RescaleIntercept
     index: int = 0  # frame number in the file, 0-based
+    dims: Dims = ()  # what sets it apart from images at its position (echo, time, ...)
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,7 @@ def _frames(ds: Dataset, multiframe: bool) -> tuple[Frame, ...]:
                 spacing=_valid_spacing(_floats(h.get("PixelSpacing"), 2)),  # type: ignore[arg-type]
                 slope=scale(h.get("RescaleSlope"), 1.0),
                 intercept=scale(h.get("RescaleIntercept"), 0.0),
+                dims=_dims(lambda: single_frame_dims(h.get)),
             ),
         )
     shared = _item(ds, "SharedFunctionalGroupsSequence")
@@ -246,9 +250,19 @@ def _frames(ds: Dataset, multiframe: bool) -> tuple[Frame, ...]:
                     0.0,
                 ),
                 index=i,
+                dims=_dims(functools.partial(frame_dims, ds, groups)),
             )
         )
     return tuple(frames)
+
+
+def _dims(read: Callable[[], Dims]) -> Dims:
+    """The splitting attributes, or none when one cannot be parsed: a damaged optional
+    value must not set aside an image that converts (its stack is then checked as is)."""
+    try:
+        return tuple(read())
+    except Exception:  # pydicom raises many types on a value of the wrong VR or length
+        return ()
 
 
 def _is_dicomdir(ds: Dataset) -> bool:

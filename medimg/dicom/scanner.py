@@ -162,6 +162,7 @@ def _series_dataset(plan: SeriesPlan, cfg: SynthParams, ident: dict[str, str]) -
         ds.MRAcquisitionType = "2D"
         ds.RepetitionTime = 500.0
         ds.EchoTime = 12.0
+        ds.EchoTrainLength = 1  # Type 2 in the MR Image module: one echo per excitation (SE)
         ds.MagneticFieldStrength = 1.5
         ds.SpacingBetweenSlices = plan.slice_spacing
     ds.StudyInstanceUID = make_uid(seed, "study", plan.patient_index, plan.study_index)

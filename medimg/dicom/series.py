@@ -1,7 +1,9 @@
 """Assemble image instances into geometrically valid stacks, with named QC flags.
 
 A DICOM series is grouped by SeriesInstanceUID, then split into stacks that share
-orientation, matrix size and ImageType (localizers are set aside). Slices are sorted by
+orientation, matrix size, ImageType, pixel spacing and pixel type (localizers are set
+aside), and where its positions repeat, into one stack per echo, time point, b-value or
+dimension index (:mod:`medimg.dicom.dimensions`). Slices are sorted by
 ImagePositionPatient projected on the slice normal, never by InstanceNumber alone, and the
 spacing between them is checked: duplicate positions, missing slices, non-uniform
 spacing and gantry tilt each raise a named flag.
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from medimg.dicom.dimensions import Dims, split_by_dimension
 from medimg.dicom.discover import Frame, Instance, Rejection
 from medimg.dicom.geometry import direction_cosines, lps_affine
 
@@ -64,6 +67,13 @@ class Stack:
     slices: list[Slice]
     flags: list[str] = field(default_factory=list)
     detail: str = ""  # why the flags were raised, without PHI
+    grid: Dims = ()  # GRID_ATTRIBUTES in which this part differs from the series' others
+    split: Dims = ()  # what sets it apart from the series' other stacks at its positions
+
+    @property
+    def split_by(self) -> Dims:
+        """Every (attribute, value) that made this stack one of several of its series."""
+        return (*self.grid, *self.split)
 
     @property
     def first(self) -> Instance:
@@ -121,13 +131,88 @@ def _orientation_key(o: tuple[float, ...], tol: float) -> tuple[int, ...]:
     return tuple(round(v / (tol * 10)) for v in o)
 
 
+# What every slice of one volume must share: its plane, and everything that defines the
+# voxel grid and type. A series whose slices disagree on one of these is split into
+# parts, and a part too small for a volume is set aside (``no_stack``). PixelSpacing and
+# the pixel type must be named here because nothing downstream checks them: a volume has
+# one spacing, taken from its first slice, and dcm2niix, our reference converter, stacks
+# a slice of another PixelSpacing silently, so a volume that looks fine would be wrong.
+GRID_ATTRIBUTES = (
+    "ImageOrientationPatient",
+    "Rows",
+    "Columns",
+    "ImageType",
+    "PixelSpacing",
+    "BitsAllocated",
+    "PixelRepresentation",
+)
+SPACING_DIGITS = 3  # PixelSpacing compared to a micrometre
+
+
+def _grid_key(s: Slice, tol: GeometryTolerance) -> tuple[object, ...]:
+    """The values of :data:`GRID_ATTRIBUTES` of a slice, as compared (rounded)."""
+    assert s.frame.orientation is not None and s.frame.spacing is not None
+    inst = s.instance
+    return (
+        _orientation_key(s.frame.orientation, tol.orientation),
+        inst.rows,
+        inst.columns,
+        inst.image_type[:3],
+        tuple(round(v, SPACING_DIGITS) for v in s.frame.spacing),
+        inst.bits_allocated,
+        inst.pixel_representation,
+    )
+
+
+def _grid_values(s: Slice) -> tuple[str, ...]:
+    """The values of :data:`GRID_ATTRIBUTES` of a slice, as the header writes them."""
+    inst, f = s.instance, s.frame
+    numbers = (f.orientation or (), f.spacing or ())
+    o, sp = ("\\".join(f"{v:.4g}" for v in seq) for seq in numbers)
+    kind = (inst.rows, inst.columns, "\\".join(inst.image_type[:3]), sp, inst.bits_allocated)
+    return (o, *map(str, kind), str(inst.pixel_representation))
+
+
+def _unusable(inst: Instance) -> Rejection | None:
+    """Why an instance cannot be a slice of any stack, or None."""
+    if "LOCALIZER" in inst.image_type:
+        return Rejection(inst.path, "localizer", "ImageType LOCALIZER")
+    if inst.samples != 1 or not inst.photometric.startswith("MONOCHROME"):
+        what = f"{inst.photometric} image, {inst.samples} samples per pixel"
+        return Rejection(inst.path, "unsupported_pixels", what)
+    if (
+        inst.bits_allocated not in (8, 16, 32)
+        or not 1 <= inst.bits_stored <= inst.bits_allocated
+        or inst.pixel_representation not in (0, 1)
+    ):  # a damaged header; these values size every buffer and range computed later
+        return Rejection(
+            inst.path,
+            "unsupported_pixels",
+            f"BitsAllocated {inst.bits_allocated}, BitsStored {inst.bits_stored}, "
+            f"PixelRepresentation {inst.pixel_representation}",
+        )
+    tags = {
+        "position": "ImagePositionPatient",
+        "orientation": "ImageOrientationPatient",
+        "spacing": "PixelSpacing",
+    }
+    missing = [tags[n] for n in tags if any(getattr(f, n) is None for f in inst.frames)]
+    if missing or not inst.frames:
+        what = ", ".join(missing) or "frames"
+        return Rejection(inst.path, "missing_geometry", f"{what} missing or invalid")
+    return None
+
+
 def group_stacks(
     instances: Iterable[Instance], tol: GeometryTolerance, damaged: Iterable[str] = ()
 ) -> tuple[list[Stack], list[Rejection]]:
     """Group instances into candidate stacks; set aside localizers and slices without geometry.
 
-    Stacks of a series in ``damaged`` (series UIDs of files set aside as damaged) and of
-    a series some of whose images lack geometry are flagged ``incomplete_series``.
+    A series is split into parts that differ in :data:`GRID_ATTRIBUTES`, and each part
+    into one stack per echo, time point, b-value, ... where its positions repeat
+    (:func:`~medimg.dicom.dimensions.split_by_dimension`). Stacks of a series in
+    ``damaged`` (series UIDs of files set aside as damaged) and of a series some of whose
+    images lack geometry are flagged ``incomplete_series``.
 
     Returns:
         Stacks (unsorted, unchecked) and rejections with typed reasons.
@@ -136,66 +221,48 @@ def group_stacks(
     by_series: dict[str, list[Slice]] = defaultdict(list)
     incomplete: set[str] = set(damaged)
     for inst in instances:
-        if "LOCALIZER" in inst.image_type:
-            rejected.append(Rejection(inst.path, "localizer", "ImageType LOCALIZER"))
-            continue
-        if inst.samples != 1 or not inst.photometric.startswith("MONOCHROME"):
-            what = f"{inst.photometric} image, {inst.samples} samples per pixel"
-            rejected.append(Rejection(inst.path, "unsupported_pixels", what))
-            continue
-        if (
-            inst.bits_allocated not in (8, 16, 32)
-            or not 1 <= inst.bits_stored <= inst.bits_allocated
-            or inst.pixel_representation not in (0, 1)
-        ):  # a damaged header; these values size every buffer and range computed later
-            rejected.append(
-                Rejection(
-                    inst.path,
-                    "unsupported_pixels",
-                    f"BitsAllocated {inst.bits_allocated}, BitsStored {inst.bits_stored}, "
-                    f"PixelRepresentation {inst.pixel_representation}",
-                )
-            )
-            continue
-        missing = [
-            name
-            for name in ("position", "orientation", "spacing")
-            if any(getattr(f, name) is None for f in inst.frames)
-        ]
-        if missing or not inst.frames:
-            tags = {
-                "position": "ImagePositionPatient",
-                "orientation": "ImageOrientationPatient",
-                "spacing": "PixelSpacing",
-            }
-            what = ", ".join(tags[m] for m in missing) or "frames"
-            rejected.append(Rejection(inst.path, "missing_geometry", f"{what} missing or invalid"))
-            incomplete.add(inst.series_uid)
+        why = _unusable(inst)
+        if why is not None:
+            rejected.append(why)
+            if why.reason == "missing_geometry":
+                incomplete.add(inst.series_uid)
             continue
         by_series[inst.series_uid].extend(Slice(inst, f) for f in inst.frames)
-
     stacks: list[Stack] = []
     for series_uid in sorted(by_series):
-        parts: dict[tuple[object, ...], list[Slice]] = defaultdict(list)
-        for s in by_series[series_uid]:
-            assert s.frame.orientation is not None
-            key = (
-                _orientation_key(s.frame.orientation, tol.orientation),
-                s.instance.rows,
-                s.instance.columns,
-                s.instance.image_type[:3],
-            )
-            parts[key].append(s)
-        order = sorted(parts, key=lambda k: (-len(parts[k]), repr(k)))
-        for part, signature in enumerate(order):
-            stack = Stack(series_uid, part, len(order), parts[signature])
-            if len(order) > 1:
+        found = _series_stacks(series_uid, by_series[series_uid], tol)
+        for stack in found:
+            if len(found) > 1:
                 stack.flags.append(SPLIT_SERIES)
             if series_uid in incomplete:
                 stack.flags.append(INCOMPLETE_SERIES)
                 stack.detail = "images of this series without usable geometry were set aside"
-            stacks.append(stack)
+        stacks.extend(found)
     return stacks, rejected
+
+
+def _series_stacks(series_uid: str, slices: list[Slice], tol: GeometryTolerance) -> list[Stack]:
+    """One series' slices split into parts of one grid, each split by its dimensions."""
+    parts: dict[tuple[object, ...], list[Slice]] = defaultdict(list)
+    for s in slices:
+        parts[_grid_key(s, tol)].append(s)
+    order = sorted(parts, key=lambda k: (-len(parts[k]), repr(k)))
+    # the grid attributes in which the parts differ: what the manifest says of the split
+    differ = [a for n, a in enumerate(GRID_ATTRIBUTES) if len({k[n] for k in order}) > 1]
+    out = []
+    for part, signature in enumerate(order):
+        members = parts[signature]
+        values = dict(zip(GRID_ATTRIBUTES, _grid_values(members[0]), strict=True))
+        grid = tuple((a, values[a]) for a in differ)
+        normal = direction_cosines(members[0].frame.orientation)[2]  # type: ignore[arg-type]
+        along = [float(np.dot(s.frame.position, normal)) for s in members]  # type: ignore[arg-type]
+        ids = [(s.instance.sop_uid, s.frame.index) for s in members]
+        dims = [dict(s.frame.dims) for s in members]
+        for split, idx in split_by_dimension(along, ids, dims):
+            stack = Stack(series_uid, part, len(order), [members[i] for i in idx])
+            stack.grid, stack.split = grid, split
+            out.append(stack)
+    return out
 
 
 def check_stack(stack: Stack, tol: GeometryTolerance) -> None:
@@ -262,8 +329,9 @@ def assemble(
     for stack in stacks:
         check_stack(stack, tol)
         if len(stack.slices) < tol.min_slices:
+            split = "".join(f", {a} {v}" for a, v in stack.split_by)
             why = (
-                f"{len(stack.slices)} slice(s) with this orientation and matrix; "
+                f"{len(stack.slices)} slice(s) of this plane, grid and pixel type{split}; "
                 f"at least {tol.min_slices} make a volume"
             )
             rejected.extend(Rejection(s.path, "no_stack", why) for s in stack.slices)

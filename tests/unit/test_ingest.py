@@ -6,7 +6,6 @@ import csv
 import gzip
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -17,33 +16,10 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from medimg.dicom.deid import Pseudonymizer, load_or_create_salt
-from tests.helpers import Cohort, run_ingest, tool_path
+from tests.helpers import Cohort, assert_same_volume, canonical, dcm2niix, run_ingest
 
 DICOMDIR_TESTS = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests"
 NIBABEL_DATA = Path(nib.__file__).parent / "nicom" / "tests" / "data"
-
-
-def dcm2niix(src: Path, out: Path, name: str = "%j") -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        [tool_path("dcm2niix"), "-b", "n", "-z", "n", "-f", name, "-o", str(out), str(src)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def canonical(path: Path) -> nib.Nifti1Image:
-    return nib.as_closest_canonical(nib.load(path))
-
-
-def assert_same_volume(ours: Path, ref: Path, pixels: bool = True) -> None:
-    a, b = canonical(ours), canonical(ref)
-    assert a.shape[:3] == b.shape[:3]
-    np.testing.assert_allclose(a.affine, b.affine, atol=1e-3)
-    if pixels:
-        np.testing.assert_allclose(a.get_fdata(), b.get_fdata().reshape(a.shape), rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
