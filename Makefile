@@ -67,7 +67,7 @@ ui: $(STAMP)
 prefect-server: $(STAMP)
 	$(BIN)/medimg prefect-server --port $(or $(PREFECT_PORT),4200)
 
-serve: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
+serve: export PREFECT_API_URL ?= http://127.0.0.1:$(or $(PREFECT_PORT),4200)/api
 serve: $(STAMP)
 	$(BIN)/python -m pipelines.deployments
 

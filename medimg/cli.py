@@ -328,15 +328,28 @@ def ui(
 def prefect_server(
     port: int = typer.Option(4200, help="Port."),
     host: str = HOST_OPTION,
+    external_url: str = typer.Option(
+        "",
+        help="The URL browsers reach this server at, behind a reverse proxy "
+        "(https://prefect.example.org); default http://HOST:PORT.",
+    ),
 ) -> None:
     """Start a Prefect server and its UI (127.0.0.1 by default), without telemetry."""
     import os
     import sys
 
     _warn_if_exposed(host, "the Prefect server")
-    typer.echo(f"Prefect UI: http://{host}:{port}  (API /api; Ctrl-C stops it)")
+    base = (external_url or f"http://{host}:{port}").rstrip("/")
+    typer.echo(f"Prefect UI: {base}  (API {base}/api; Ctrl-C stops it)")
     prefect = str(Path(sys.executable).parent / "prefect")
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The UI asks the API it is given here; unset, Prefect gives it the client's
+        # PREFECT_API_URL (the default port), not the port it is served on.
+        "PREFECT_UI_API_URL": f"{base}/api",
+        "PREFECT_UI_URL": base,
+    }
     os.execve(prefect, [prefect, "server", "start", "--host", host, "--port", str(port)], env)
 
 

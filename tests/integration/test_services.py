@@ -8,6 +8,7 @@ socket of their process trees is read from the operating system.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -34,12 +35,14 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _server(args: list[str], cwd: Path, health: str) -> Iterator[subprocess.Popen[bytes]]:
+def _server(
+    args: list[str], cwd: Path, health: str, ui: bool = False
+) -> Iterator[subprocess.Popen[bytes]]:
     """Start ``args``, wait until ``health`` answers 200, stop the whole group after."""
     env = {
         **os.environ,
         "PREFECT_HOME": str(cwd / "prefect-home"),
-        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_UI_ENABLED": str(ui).lower(),
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{cwd}/prefect.db",
     }
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -110,3 +113,21 @@ def test_a_wider_address_is_a_choice_and_warns(capsys: pytest.CaptureFixture[str
         [tool_path("medimg"), "ui", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "127.0.0.1" in shown  # the documented default
+
+
+@pytest.mark.parametrize("external", ["", "https://prefect.example.org/"])
+def test_the_prefect_ui_asks_the_api_it_is_served_with(tmp_path: Path, external: str) -> None:
+    """On a port other than Prefect's default (or behind a proxy), the UI's settings name
+    the API of this server, not the default port's: otherwise its pages stay empty."""
+    port = _free_port()
+    args = [tool_path("medimg"), "prefect-server", "--port", str(port)]
+    if external:
+        args += ["--external-url", external]
+    ui_settings = f"http://127.0.0.1:{port}/ui-settings"
+    with (
+        _server(args, tmp_path, f"http://127.0.0.1:{port}/api/health", ui=True),
+        urllib.request.urlopen(ui_settings, timeout=10) as r,
+    ):
+        settings = json.loads(r.read())
+    expected = f"{external.rstrip('/')}/api" if external else f"http://127.0.0.1:{port}/api"
+    assert settings["api_url"] == expected
