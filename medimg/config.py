@@ -266,6 +266,8 @@ class TrackingParams(StrictModel):
     artifacts: Path = Path("mlartifacts")  # artifact folder of a local store (a server
     # keeps its own)
     experiment_prefix: str = "medimg"  # experiments are named <prefix>-<task>
+    ui_url: str = "http://127.0.0.1:5000"  # the MLflow UI people open for a local store
+    # (make ui); links to runs of a tracking server point at the server itself
     retries: int = Field(3, ge=0)  # extra tries of a failed call to the tracking server
     retry_wait_s: float = Field(2.0, ge=0)  # first wait between tries (doubles each try)
 

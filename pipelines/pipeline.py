@@ -61,16 +61,16 @@ def register_task(params: Params, root: Path, task_name: str) -> dict[str, Any]:
 
 
 def _run_link(params: Params, root: Path, task_name: str) -> str:
+    """A Markdown link to the task's training run in the MLflow UI: the tracking server's
+    own UI, or ``make ui``'s (``tracking.ui_url``) for a local store."""
     record = root / params.data.models / task_name / "mlflow_run.json"
     if not record.is_file():
         return "-"
-    run_id = json.loads(record.read_text())["run_id"]
-    from medimg.tracking import tracking_uri
+    run = json.loads(record.read_text())
+    from medimg.tracking import run_url
 
-    uri = tracking_uri(params.tracking, root)
-    if uri.startswith("http"):
-        return f"[{run_id[:8]}]({uri}/#/compare-runs?runs=[%22{run_id}%22])"
-    return f"`{run_id}` (`make ui`)"
+    url = run_url(params.tracking, root, str(run["experiment_id"]), str(run["run_id"]))
+    return f"[{run['run_id'][:8]}]({url})"
 
 
 def summary_markdown(

@@ -58,7 +58,7 @@ from medimg.tracking.runs import (
     metric_values,
     train_run,
 )
-from medimg.tracking.store import configure, experiment_id, retrying, tracking_uri
+from medimg.tracking.store import configure, experiment_id, retrying, run_url, tracking_uri
 
 __all__ = [
     "CHALLENGER",
@@ -95,6 +95,7 @@ __all__ = [
     "registered_name",
     "registered_version",
     "retrying",
+    "run_url",
     "test_set_digest",
     "tracking_uri",
     "train_run",

@@ -111,3 +111,10 @@ def experiment_id(client: MlflowClient, params: Params, task: str, root: Path) -
         if found is None:
             raise
         return str(found.experiment_id)
+
+
+def run_url(cfg: TrackingParams, root: Path, experiment_id: str, run_id: str) -> str:
+    """Where a person opens run ``run_id`` in the MLflow UI."""
+    uri = tracking_uri(cfg, root)
+    base = uri if uri.startswith(("http://", "https://")) else cfg.ui_url
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

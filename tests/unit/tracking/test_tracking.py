@@ -336,3 +336,31 @@ def test_metric_sender_delivers_every_epoch_in_order(tmp_path: Path) -> None:
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert [(m.step, m.value) for m in history] == [(e, 1.0 / e) for e in range(1, 6)]
     assert client.get_metric_history(run.info.run_id, "val_metric") == []  # NaN not sent
+
+
+def test_pipeline_report_links_runs_in_the_mlflow_ui(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline's Prefect artifact links each task's run in the MLflow UI: the
+    tracking server's own UI, or make ui's for a local store; never a bare run id."""
+    import json
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MEDIMG_MLFLOW_URI", raising=False)
+
+    from medimg.config import TrackingParams
+    from pipelines.pipeline import _run_link
+
+    params = _params(tmp_path)
+    folder = tmp_path / params.data.models / "classify"
+    folder.mkdir(parents=True)
+    (folder / "mlflow_run.json").write_text(
+        json.dumps({"run_id": "0123456789abcdef", "experiment_id": "7"})
+    )
+    local = _run_link(params, tmp_path, "classify")
+    assert local == "[01234567](http://127.0.0.1:5000/#/experiments/7/runs/0123456789abcdef)"
+    server = params.model_copy(update={"tracking": TrackingParams(uri="http://mlflow.lan:5000")})
+    assert _run_link(server, tmp_path, "classify") == (
+        "[01234567](http://mlflow.lan:5000/#/experiments/7/runs/0123456789abcdef)"
+    )
+    assert _run_link(params, tmp_path, "segment") == "-"  # no run yet
