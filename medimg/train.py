@@ -301,7 +301,7 @@ class Trainer:
                 state = {"epoch": epoch, **stopper.state(), "history": state["history"]}
                 state["history"].append(asdict(entry))
                 if self.rank == 0:
-                    self._checkpoint(c, state, callbacks, entry)
+                    self._end_epoch(c, state, callbacks, entry)
         if self.world > 1:
             import torch.distributed as dist
 
@@ -316,7 +316,7 @@ class Trainer:
             initialisation=c.report.summary() if c.report else TrainResult.initialisation,
         )
 
-    def _checkpoint(
+    def _end_epoch(
         self, c: Components, state: dict[str, Any], callbacks: Sequence[Callback], e: EpochLog
     ) -> None:
         """Rank 0 at an epoch's end: the resume file (no zip CRC, see

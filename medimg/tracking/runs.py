@@ -216,8 +216,7 @@ class TrainRun:
                 Metric("best_epoch", float(result.best_epoch), now, 0),
             ]
             tags = [RunTag("medimg.stopped_early", str(result.stopped_early).lower())]
-            env = getattr(result, "environment", {}) or {}
-            tags += [RunTag(f"medimg.env.{k}", v) for k, v in sorted(env.items())]
+            tags += [RunTag(f"medimg.env.{k}", v) for k, v in sorted(result.environment.items())]
             client.log_batch(run_id, metrics=best, tags=tags)
             for name in ("model_card.md", "config.json"):
                 _artifact(client, run_id, self.model_dir / name)
