@@ -7,6 +7,7 @@ and wrong values fail with a message naming the key and the file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -114,8 +115,8 @@ class StacksParams(StrictModel):
 class IngestParams(StrictModel):
     """DICOM folder to de-identified volumes, masks, manifest and QC report."""
 
-    label_key: Literal["PatientID", "StudyInstanceUID", "AccessionNumber"] = (
-        "PatientID"  # the DICOM attribute labels.csv is keyed on
+    label_key: Literal["PatientID", "StudyInstanceUID", "AccessionNumber", "SeriesInstanceUID"] = (
+        "PatientID"  # the DICOM attribute labels.csv is keyed on (patient, study or series)
     )
     irregular: Literal["reject", "flag", "resample"] = (
         "reject"  # stacks with duplicate positions, missing slices, uneven gaps or tilt
@@ -225,6 +226,22 @@ class ClassifyParams(TaskTrainParams):
     epochs: int = Field(30, ge=1)  # upper bound; early stopping may end sooner
     freeze_encoder_epochs: int = Field(3, ge=0)  # encoder frozen for the first N epochs
     head_lr_mult: float = Field(10.0, gt=0)  # learning-rate multiplier of the new head
+    classes: tuple[str, ...] | None = None  # class names in order (index 0 first), as the
+    # labels file writes them; None: the labels file's values, sorted (numbers numerically).
+    # Two classes train one logit (sigmoid); more, one logit per class (softmax).
+    balance: Literal["none", "weights", "sampler"] = "none"  # class imbalance: weights:
+    # loss weighted by inverse class frequency; sampler: classes drawn equally often
+
+    @field_validator("classes")
+    @classmethod
+    def _check_classes(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if len(value) < 2:
+            raise ValueError(f"needs at least two classes, got {list(value)}")
+        if len({v.strip() for v in value}) != len(value) or any(not v.strip() for v in value):
+            raise ValueError(f"class names must be distinct and non-empty, got {list(value)}")
+        return tuple(v.strip() for v in value)
 
 
 class SegmentParams(TaskTrainParams):
@@ -233,6 +250,7 @@ class SegmentParams(TaskTrainParams):
     batch_size: int = Field(2, ge=1)  # volumes per step, each giving patches_per_volume
     lr: float = Field(0.002, gt=0)  # peak learning rate, AdamW
     epochs: int = Field(25, ge=1)  # upper bound; early stopping may end sooner
+    nsd_tolerance_mm: float = Field(3.0, gt=0)  # normalised surface distance tolerance, mm
 
 
 class TrainParams(StrictModel):
@@ -321,6 +339,39 @@ class PredictParams(StrictModel):
         return self
 
 
+class CodeParams(StrictModel):
+    """A coded concept, as a DICOM code sequence item holds it (SNOMED CT by default)."""
+
+    value: str = Field(min_length=1, max_length=64)  # CodeValue, e.g. 10200004
+    meaning: str = Field(min_length=1, max_length=64)  # CodeMeaning, e.g. Liver
+    scheme: str = Field("SCT", min_length=1)  # CodingSchemeDesignator
+
+
+class StructureParams(StrictModel):
+    """One segmentation target: its name, the codes a DICOM SEG needs, its synonyms."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # segment label and
+    # the suffix of a per-structure NIfTI mask (<SeriesInstanceUID>_<name>.nii.gz)
+    category: CodeParams  # SegmentedPropertyCategoryCode (SNOMED CT), e.g. Anatomical Structure
+    type: CodeParams  # SegmentedPropertyTypeCode (SNOMED CT), e.g. Liver
+    synonyms: tuple[str, ...] = ()  # other ROI / segment names in annotations that mean
+    # this structure; matched ignoring case, spaces, '-' and '_' (Liver, LIVER_1, liver)
+
+
+LESION = StructureParams(
+    name="lesion",
+    category=CodeParams(value="49755003", meaning="Morphologically Abnormal Structure"),
+    type=CodeParams(value="52988006", meaning="Lesion"),
+    synonyms=("tumor", "tumour", "mass", "gtv"),
+)
+
+
+def structure_key(name: str) -> str:
+    """How structure names compare: case, spaces, '-', '_' and a trailing number ignored."""
+    key = re.sub(r"[\s_\-]+", "", name.casefold())
+    return re.sub(r"\d+$", "", key) or key
+
+
 class Params(StrictModel):
     """All of ``params.yaml``."""
 
@@ -336,6 +387,33 @@ class Params(StrictModel):
     registry: RegistryParams = RegistryParams()
     orchestration: OrchestrationParams = OrchestrationParams()
     predict: PredictParams = PredictParams()
+    # Segmentation targets, in label-map order: structure i has value i + 1 in every mask.
+    # Where structures overlap the later one wins, so list containers (body, organs)
+    # before what lies inside them (lesions): docs/training.md, "Several structures".
+    structures: tuple[StructureParams, ...] = (LESION,)
+
+    @field_validator("structures")
+    @classmethod
+    def _check_structures(cls, value: tuple[StructureParams, ...]) -> tuple[StructureParams, ...]:
+        if not value or len(value) > 254:
+            raise ValueError("needs between 1 and 254 structures")
+        seen: dict[str, str] = {}
+        for s in value:
+            for alias in (s.name, *s.synonyms):
+                key = structure_key(alias)
+                if key in seen and seen[key] != s.name:
+                    raise ValueError(f"{alias!r} would name both {seen[key]!r} and {s.name!r}")
+                seen[key] = s.name
+        return value
+
+    def structure_label(self, name: str) -> int | None:
+        """The label-map value (1..K) of the structure an annotation's ``name`` means, or
+        None when no configured structure or synonym matches."""
+        key = structure_key(name)
+        for i, s in enumerate(self.structures, start=1):
+            if key in {structure_key(a) for a in (s.name, *s.synonyms)}:
+                return i
+        return None
 
 
 def _describe(err: dict[str, Any]) -> str:
