@@ -136,13 +136,19 @@ def save(payload: dict[str, Any], target: Path, crc32: bool = True) -> None:
         torch.save(_canonical(payload), f)
 
 
-def weights_payload(model: nn.Module, task: str, config: dict[str, Any]) -> dict[str, Any]:
-    """What ``model.pt`` holds: the weights, the resolved config (JSON) and the task."""
-    return {
+def weights_payload(
+    model: nn.Module, task: str, config: dict[str, Any], outputs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What ``model.pt`` holds: the weights, the resolved config (JSON), the task and its
+    outputs (class or structure names, :meth:`medimg.tasks.TaskSpec.describe`, JSON)."""
+    payload = {
         "model": model.state_dict(),
         "config": json.dumps(config, sort_keys=True, default=str),
         "task": task,
     }
+    if outputs is not None:
+        payload["outputs"] = json.dumps(outputs, sort_keys=True)
+    return payload
 
 
 def checkpoint_payload(

@@ -35,6 +35,8 @@ class IngestPaths:
     input: Path  # the DICOM folder
     out: Path  # data/interim
     labels: Path | None = None  # labels.csv, optional
+    classes: tuple[str, ...] | None = None  # its classes in order (train.classify.classes);
+    # None: the file's own values, sorted
     masks: Path | None = None  # folder of <SeriesInstanceUID>.nii[.gz], optional
 
     @property

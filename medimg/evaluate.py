@@ -20,24 +20,35 @@ import torch
 
 from medimg import plots
 from medimg.config import Params
+from medimg.data.manifest import read_classes
 from medimg.errors import ConfigError
 from medimg.io import atomic_path, atomic_write_text
 from medimg.runtime import environment, pin_reproducible, resolve_device
 from medimg.stats import N_BOOT
-from medimg.tasks import TaskSpec, get_task
+from medimg.tasks import TaskSpec, configured_task, get_task
 
 log = logging.getLogger(__name__)
 
 
-def load_model(task: TaskSpec | str, params: Params, model_file: Path) -> torch.nn.Module:
-    """Build the task's model and load its weights (``weights_only``: no code runs)."""
+def load_trained(
+    task: TaskSpec | str, params: Params, model_file: Path
+) -> tuple[TaskSpec, torch.nn.Module]:
+    """The task's spec with the outputs the model was trained for, and the model with its
+    weights (``weights_only``: no code runs)."""
     spec = get_task(task)
     if not model_file.is_file():
         raise ConfigError(f"{model_file}: no trained model; run `medimg train --task {spec.name}`")
     payload = torch.load(model_file, map_location="cpu", weights_only=True)
+    if isinstance(task, str):  # a name: the outputs the weights were saved with
+        spec = spec.configure(params).from_description(json.loads(payload.get("outputs", "{}")))
     model = spec.build(spec.train_params(params.train))
     model.load_state_dict(payload["model"])
-    return model
+    return spec, model
+
+
+def load_model(task: TaskSpec | str, params: Params, model_file: Path) -> torch.nn.Module:
+    """Build the task's model and load its weights (:func:`load_trained`)."""
+    return load_trained(task, params, model_file)[1]
 
 
 def _predict_table(
@@ -69,7 +80,8 @@ def score_test_set(
 ) -> pd.DataFrame:
     """One row per test case: the model's probability (classify) or Dice (segment)."""
     table = pd.read_parquet(processed / "manifest.parquet")
-    return _predict_table(get_task(task), params, model, processed, table[table["split"] == "test"])
+    spec = configured_task(task, params, read_classes(processed)) if isinstance(task, str) else task
+    return _predict_table(spec, params, model, processed, table[table["split"] == "test"])
 
 
 def evaluate(
@@ -81,14 +93,13 @@ def evaluate(
     plots_dir: Path,
 ) -> dict[str, Any]:
     """Evaluate ``task`` on the test patients; write metrics JSON and plots."""
-    spec = get_task(task)
     t = params.train
     env = pin_reproducible(t.threads) if t.reproducible else environment(False)
     table = pd.read_parquet(processed / "manifest.parquet")
     test = table[table["split"] == "test"]
     if test.empty:
         raise ConfigError(f"{processed}: no test patients; raise split.test_fraction")
-    model = load_model(spec, params, model_file)
+    spec, model = load_trained(task, params, model_file)
     plots_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "task": spec.name,

@@ -38,8 +38,11 @@ class SeriesResult:
     reason: str = ""
     probability: float | None = None
     label: int | None = None
+    predicted: str | None = None  # the predicted class's name (diagnosis)
     lesion_voxels: int | None = None
     lesion_ml: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)  # probability_<class>,
+    # volume_ml_<structure>: the columns of predictions.csv a model's outputs add
     outputs: dict[str, str] = field(default_factory=dict)  # kind -> path within output
     seconds: dict[str, float] = field(default_factory=dict)  # step -> seconds
     n_files: int = 0

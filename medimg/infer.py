@@ -36,11 +36,15 @@ def plain(x: torch.Tensor) -> torch.Tensor:
 def volume_probability(
     model: nn.Module, image: torch.Tensor, device: torch.device, amp: bool = False
 ) -> torch.Tensor:
-    """Sigmoid of the model's one logit per volume: (B, 1, R, A, S) -> (B,), on the CPU."""
+    """Class probabilities per volume, on the CPU: the sigmoid of a single logit,
+    (B, 1, R, A, S) -> (B,), or the softmax of K logits, -> (B, K)."""
     model.eval()
     x = image.to(device)
     with torch.autocast(device.type, enabled=amp):
-        return torch.sigmoid(model(x).float().squeeze(1)).cpu()
+        logits = model(x).float()
+        if logits.shape[1] == 1:
+            return torch.sigmoid(logits.squeeze(1)).cpu()
+        return torch.softmax(logits, dim=1).cpu()
 
 
 @torch.no_grad()
@@ -50,9 +54,12 @@ def foreground_map(
     roi_size: Sequence[int],
     device: torch.device,
     amp: bool = False,
+    channels: str = "foreground",
 ) -> torch.Tensor:
-    """Softmax probability of channel 1 per voxel: (B, 1, R, A, S) -> (B, R, A, S), on
-    the CPU, by windows of ``roi_size`` (3D) or ``roi_size[:2]`` per axial slice (2D)."""
+    """Softmax probabilities per voxel, on the CPU, by windows of ``roi_size`` (3D) or
+    ``roi_size[:2]`` per axial slice (2D): of channel 1 (``channels="foreground"``, a
+    one-structure segmenter), (B, 1, R, A, S) -> (B, R, A, S); or of every channel
+    (``"all"``), -> (B, C, R, A, S)."""
     from monai.inferers import SliceInferer, sliding_window_inference
 
     model.eval()
@@ -75,4 +82,5 @@ def foreground_map(
                 predictor=model,
                 overlap=OVERLAP,
             )
-        return torch.softmax(torch.as_tensor(logits).float(), dim=1)[:, 1].cpu()
+        prob = torch.softmax(torch.as_tensor(logits).float(), dim=1)
+        return (prob if channels == "all" else prob[:, 1]).cpu()

@@ -254,8 +254,12 @@ def finalize_ingest(
         rejected.extend(r.rejected)
     pseudo = _pseudonymizer(cfg)
     labels: dict[str, int] = {}
+    classes = paths.classes
     if paths.labels is not None and paths.labels.is_file():
-        labels = read_labels(paths.labels, cfg.label_key, lambda v: pseudo.key("label", v))
+        read = read_labels(
+            paths.labels, cfg.label_key, lambda v: pseudo.key("label", v), paths.classes
+        )
+        labels, classes = read.values, read.classes
     elif paths.labels is not None:
         log.warning("no labels file at %s: every label is left empty", paths.labels)
     for rec in records:
@@ -264,6 +268,7 @@ def finalize_ingest(
     keep = {r["key"] for r in records}
     _remove_stale(paths, keep, cfg.export_deid_dicom)
     manifest_io.write_manifest(records, paths.out / "manifest.parquet")
+    manifest_io.write_classes(classes, paths.out)
     quarantine = manifest_io.write_quarantine(rejected, paths.input, paths.out / "quarantine.csv")
     summary = {
         "n_files": plan.n_files,
@@ -275,6 +280,8 @@ def finalize_ingest(
         "n_reused": len(plan.reused),
         "n_quarantined_files": len(quarantine),
         "n_labelled": sum(r["label"] is not None for r in records),
+        "classes": list(classes) if classes else None,
+        "n_by_class": _class_counts(records, classes),
         "flags": dict(sorted(Counter(f for r in records for f in r["flags"]).items())),
         "quarantine_reasons": dict(sorted(Counter(q["reason"] for q in quarantine).items())),
     }
@@ -293,6 +300,14 @@ def finalize_ingest(
         summary["n_quarantined_files"],
     )
     return summary
+
+
+def _class_counts(records: list[dict[str, Any]], classes: tuple[str, ...] | None) -> Any:
+    """Labelled volumes per class name (every class, zero counts included)."""
+    if not classes:
+        return None
+    counts = Counter(r["label"] for r in records if r["label"] is not None)
+    return {name: counts.get(i, 0) for i, name in enumerate(classes)}
 
 
 def _remove_stale(paths: IngestPaths, keep: set[str], export: bool) -> None:

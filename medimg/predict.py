@@ -49,6 +49,8 @@ import numpy as np
 import numpy.typing as npt
 
 from medimg.config import IngestParams, PredictParams, PreprocessParams
+from medimg.decode import diagnosis, label_map
+from medimg.decode import to_original_grid as to_original_grid
 from medimg.errors import DicomError, MedImgError
 from medimg.inbox import (  # noqa: F401  (PredictPaths, Inbox, qc_gate, ...: their old home)
     Inbox,
@@ -76,6 +78,7 @@ PREDICTIONS_COLUMNS = [
     "reason",
     "probability",
     "label",
+    "predicted",
     "threshold",
     "lesion_voxels",
     "lesion_ml",
@@ -101,6 +104,7 @@ class Predictor:
     run_id: str
     threshold: float = 0.5  # classification cut, from the model's evaluation
     device: Any = None  # torch.device
+    spec: Any = None  # the TaskSpec with the model's outputs (classes or structures)
 
 
 def load_predictor(uri: str, client: Any, device: str = "auto") -> Predictor:
@@ -123,7 +127,7 @@ def load_predictor(uri: str, client: Any, device: str = "auto") -> Predictor:
     found = tracking.registered_version(client, uri)
     meta, run_id = bundle.meta, bundle.run_id
     name, version = found if found else (uri, run_id)
-    spec = get_task(str(meta["task"]))
+    spec = get_task(str(meta["task"])).from_description(meta.get("outputs", {}))
     task = spec.name
     threshold = (
         tracking.decision_threshold(client, run_id) if spec.has_threshold and run_id else 0.5
@@ -141,6 +145,7 @@ def load_predictor(uri: str, client: Any, device: str = "auto") -> Predictor:
         run_id=run_id,
         threshold=threshold,
         device=dev,
+        spec=spec,
     )
 
 
@@ -155,32 +160,22 @@ def preprocess_volume(path: Path, modality: str, cfg: PreprocessParams) -> Any:
     return preprocessing_transforms(modality, cfg, with_label=False)({IMAGE: str(path)})[IMAGE]
 
 
-def to_original_grid(
-    values: npt.NDArray[np.floating],
-    model_affine: npt.NDArray[np.float64],
-    shape: tuple[int, ...],
-    affine: npt.NDArray[np.float64],
-) -> npt.NDArray[np.float32]:
-    """Resample a map on the model's grid onto the series' grid (linear; 0 outside the
-    model's field of view). Both affines are voxel to RAS mm."""
-    from nibabel.processing import resample_from_to
-
-    src = nib.Nifti1Image(np.asarray(values, dtype=np.float32), model_affine)
-    out = resample_from_to(src, (tuple(shape), affine), order=1, mode="constant", cval=0.0)
-    return np.asarray(out.dataobj, dtype=np.float32)
+def _spec(predictor: Predictor) -> Any:
+    return predictor.spec if predictor.spec is not None else get_task(predictor.task)
 
 
 def infer(predictor: Predictor, image: Any) -> npt.NDArray[np.float32] | float:
-    """Lesion probability per voxel (segment, on the model's grid) or of the volume."""
+    """Probabilities on the model's grid: per voxel (segment: (R, A, S) of one structure,
+    (K + 1, R, A, S) of several), or of the volume (classify: a float for two classes,
+    (K,) for more)."""
     import torch
 
-    spec = get_task(predictor.task)
     x = torch.as_tensor(np.asarray(image, dtype=np.float32))[None]  # (1, 1, R, A, S)
     with torch.no_grad():
-        out = spec.predict(predictor.module, x, predictor.patch_size, predictor.device)
-    if spec.with_masks:
-        return np.asarray(out[0].numpy(), dtype=np.float32)
-    return float(out[0])
+        out = _spec(predictor).predict(predictor.module, x, predictor.patch_size, predictor.device)
+    if out[0].dim() == 0:
+        return float(out[0])
+    return np.asarray(out[0].numpy(), dtype=np.float32)
 
 
 def predict_series(
@@ -220,18 +215,12 @@ def predict_series(
         res.seconds = {"preprocess": t1 - t0, "inference": t2 - t1}
         volume = np.asarray(original.dataobj)
         mask = None
-        if isinstance(result, float):
-            res.probability = round(result, 6)
-            res.label = int(result >= predictor.threshold)
+        spec = _spec(predictor)
+        if not spec.with_masks:
+            diagnosis(res, result, spec.labels, predictor.threshold)
         else:
             model_affine = np.asarray(image.affine, dtype=np.float64)
-            prob = to_original_grid(result, model_affine, volume.shape, affine)
-            mask = (prob >= 0.5).astype(np.uint8)
-            voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
-            res.lesion_voxels = int(mask.sum())
-            res.lesion_ml = round(res.lesion_voxels * voxel_ml, 3)
-            res.probability = round(float(prob.max()), 6)
-            res.label = int(res.lesion_voxels > 0)
+            mask = label_map(spec, result, model_affine, volume.shape, affine, res)
             save_nifti(mask, affine, folder / "mask.nii.gz")
             res.outputs["mask"] = f"{key}/mask.nii.gz"
             _write_seg(mask, affine, sources, predictor, cfg, folder / "seg.dcm", res)
@@ -259,11 +248,15 @@ def _write_seg(
     reason in the report."""
     from importlib.metadata import version
 
-    from medimg.dicom.seg import SegInfo, read_sources, write_seg
+    from medimg.dicom.seg import SegInfo, read_sources, segments_from, write_seg
 
     name = predictor.name if predictor.name != predictor.uri else "medimg-model"
+    spec = _spec(predictor)
+    segments = {} if len(spec.labels) == 1 else {"segments": segments_from(spec.structures)}
+    what = "lesion" if len(spec.labels) == 1 else f"{len(spec.labels)} structures"
     info = SegInfo(
-        series_description=f"medimg lesion ({name} v{predictor.version})"[:64],
+        **segments,
+        series_description=f"medimg {what} ({name} v{predictor.version})"[:64],
         algorithm_name=name,
         algorithm_version=predictor.version,
         series_number=cfg.seg_series_number,
@@ -339,8 +332,9 @@ def finalize_predict(
         },
         "series": [_row(r, predictor) | {"outputs": r.outputs} for r in results],
     }
+    extra = list(dict.fromkeys(k for r in results for k in r.extra))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=PREDICTIONS_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=[*PREDICTIONS_COLUMNS, *extra], lineterminator="\n")
     writer.writeheader()
     writer.writerows(_row(r, predictor) for r in results)
     atomic_write_text(paths.out / "predictions.csv", buf.getvalue())
@@ -367,9 +361,11 @@ def _row(r: SeriesResult, predictor: Predictor) -> dict[str, Any]:
         "reason": r.reason,
         "probability": r.probability,
         "label": r.label,
+        "predicted": r.predicted,
         "threshold": predictor.threshold,  # 0.5 for a task without one
         "lesion_voxels": r.lesion_voxels,
         "lesion_ml": r.lesion_ml,
         "model": predictor.name,
         "model_version": predictor.version,
+        **r.extra,
     }

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from medimg.config import PreprocessParams, SplitParams
+from medimg.data.manifest import read_classes, write_classes
 from medimg.data.split import TEST, assign_all, split_summary
 from medimg.errors import DataError
 from medimg.io import atomic_dir, atomic_path, atomic_write_text
@@ -52,6 +53,7 @@ def _process_one(
         "image": f"images/{key}.nii.gz",
         "mask": None,
         "lesion_voxels": None,
+        "max_label": None,
         "image_min": round(float(img.min()), 5),
         "image_max": round(float(img.max()), 5),
         "spacing": [round(float(v), 5) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))],
@@ -61,10 +63,12 @@ def _process_one(
         label = data[LABEL]
         if not np.allclose(np.asarray(label.affine), affine, atol=1e-4):
             raise DataError(f"volume {key}: mask and image left the preprocessing on two grids")
-        mask = (label[0].numpy() > 0.5).astype(np.uint8)
+        # a label map (0 background, i for structure i): nearest neighbour kept it integer
+        mask = np.rint(label[0].numpy()).clip(0, 255).astype(np.uint8)
         save_nifti(mask, affine, out / "masks" / f"{key}.nii.gz")
         result["mask"] = f"masks/{key}.nii.gz"
-        result["lesion_voxels"] = int(mask.sum())
+        result["lesion_voxels"] = int(np.count_nonzero(mask))
+        result["max_label"] = int(mask.max())
     return result
 
 
@@ -100,7 +104,9 @@ def preprocess(
     # a patient is positive when any of its series is
     patient_labels = {str(k): int(v) for k, v in manifest.groupby("patient")["label"].max().items()}
     splits = assign_all(patient_labels, split_cfg)
+    classes = read_classes(interim)
     with atomic_dir(out) as stage:
+        write_classes(classes, stage)
         (stage / "images").mkdir()
         (stage / "masks").mkdir()
         results = _process_all(rows, interim, stage, cfg, progress)
@@ -110,7 +116,7 @@ def preprocess(
         series_per_patient = Counter(table["patient"])
         summary = split_summary(splits, patient_labels, series_per_patient)
         _write_splits(stage / "splits.json", split_cfg, splits, summary)
-        qc = data_checks(table, splits, cfg)
+        qc = data_checks(table, splits, cfg, classes)
         qc["dropped"] = dropped
         qc["splits"] = summary
         atomic_write_text(stage / "qc.json", json.dumps(qc, indent=1, sort_keys=True))
@@ -194,7 +200,10 @@ def _write_splits(
 
 
 def data_checks(
-    table: pd.DataFrame, splits: dict[str, str], cfg: PreprocessParams
+    table: pd.DataFrame,
+    splits: dict[str, str],
+    cfg: PreprocessParams,
+    classes: tuple[str, ...] = ("0", "1"),
 ) -> dict[str, Any]:
     """Checks on the processed data; each says whether it passed and what it measured."""
     checks: dict[str, dict[str, Any]] = {}
@@ -205,7 +214,11 @@ def data_checks(
         "patients_in_several": int((per_patient > 1).sum()),
     }
     labels = sorted(int(v) for v in table["label"].unique())
-    checks["label_set"] = {"passed": set(labels) <= {0, 1}, "labels": labels}
+    checks["label_set"] = {
+        "passed": set(labels) <= set(range(len(classes))),
+        "labels": labels,
+        "classes": list(classes),
+    }
     spacing = np.array(table["spacing"].tolist(), dtype=float)
     checks["spacing"] = {
         "passed": bool(np.allclose(spacing, cfg.spacing_mm, atol=1e-3)),
@@ -221,7 +234,9 @@ def data_checks(
         "min": lo,
         "max": hi,
     }
-    has_mask = table["mask"].notna()
+    # binary masks of a binary diagnosis: a positive's series should show its lesion (of
+    # several classes or structures, which class shows which structure is the user's to say)
+    has_mask = table["mask"].notna() & (table["max_label"].fillna(0) <= 1) & (len(classes) == 2)
     positives_without_lesion = int(
         ((table["label"] == 1) & has_mask & (table["lesion_voxels"] == 0)).sum()
     )

@@ -10,6 +10,7 @@ Both carry pseudonymous keys only. matplotlib is drawn on an Agg canvas, without
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,6 +44,16 @@ def _display(volume: npt.NDArray, modality: str, cfg: PredictParams) -> npt.NDAr
     return np.clip((v - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
 
 
+def _colour(label: int) -> tuple[float, float, float]:
+    """Red for label 1 (a lesion alone), then matplotlib's tab10 colours."""
+    if label == 1:
+        return (1.0, 0.1, 0.1)
+    from matplotlib import colormaps
+
+    r, g, b, _ = colormaps["tab10"]((label - 2) % 10)
+    return (r, g, b)
+
+
 def write_montage(
     volume: npt.NDArray,
     mask: npt.NDArray | None,
@@ -50,7 +61,8 @@ def write_montage(
     cfg: PredictParams,
     path: Path,
 ) -> None:
-    """PNG of ``cfg.montage_slices`` slices of ``volume`` (i, j, k), mask in red."""
+    """PNG of ``cfg.montage_slices`` slices of ``volume`` (i, j, k), the label map's
+    structures in colour (one structure: red)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -65,7 +77,9 @@ def write_montage(
         ax.imshow(image[:, :, k].T, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         if mask is not None and mask[:, :, k].any():
             overlay = np.zeros((*mask.shape[1::-1], 4), dtype=np.float32)
-            overlay[mask[:, :, k].T > 0] = (1.0, 0.1, 0.1, 0.45)
+            plane = mask[:, :, k].T
+            for value in np.unique(plane[plane > 0]):
+                overlay[plane == value] = (*_colour(int(value)), 0.45)
             ax.imshow(overlay, interpolation="nearest")
         ax.set_title(f"slice {k + 1}/{volume.shape[2]}", fontsize=8)
         ax.axis("off")
@@ -147,6 +161,8 @@ class _Task(Protocol):  # what the card says of a task (a medimg.tasks.TaskSpec)
     def slices(self) -> str: ...
     @property
     def val_metric_card(self) -> str: ...
+    @property
+    def labels(self) -> tuple[str, ...]: ...
 
 
 class _Result(Protocol):  # what the card says of a run (a medimg.train.TrainResult)
@@ -183,6 +199,8 @@ def write_model_card(
         "",
         f"**What it does.** {task.output}",
         "",
+        f"**Outputs,** in order: {', '.join(f'`{n}`' for n in task.labels)}.",
+        "",
         f"**Architecture.** {cfg.arch} ({cfg.spatial_dims}D, {task.architecture}"
         + (f", {task.slices}" if cfg.spatial_dims == 2 else "")
         + f"), first-conv stride {cfg.conv1_stride}; initialised from `{cfg.pretrained}`"
@@ -212,6 +230,25 @@ def write_model_card(
         "",
     ]
     atomic_write_text(path, "\n".join(lines))
+
+
+class _History(_Result, Protocol):
+    history: list[dict[str, Any]]
+    stopped_early: bool
+
+
+def write_training_summary(path: Path, val_metric: str, result: _History) -> None:
+    """``metrics/<task>_train.json``: the best epoch, its validation metric, the history."""
+    summary = {
+        "best_epoch": result.best_epoch,
+        "best_val_metric": round(result.best_metric, 6),
+        "val_metric": val_metric,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        # wall-clock seconds vary run to run: kept out of the tracked metrics file
+        "history": [{k: v for k, v in h.items() if k != "seconds"} for h in result.history],
+    }
+    atomic_write_text(path, json.dumps(summary, indent=1, sort_keys=True))
 
 
 def _environment(env: dict[str, str]) -> str:

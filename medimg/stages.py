@@ -106,11 +106,12 @@ def train(
     ``train.<task>.pretrained`` may be a path relative to ``root`` or an MLflow model URI,
     which is first downloaded to a local file through :mod:`medimg.tracking`.
     """
-    from medimg.tasks import get_task
+    from medimg.data.manifest import read_classes
+    from medimg.tasks import configured_task
     from medimg.train import TrainConfig
     from medimg.train import train as run
 
-    spec = get_task(task)
+    spec = configured_task(task, params, read_classes(project_path(root, params.data.processed)))
     cfg = spec.train_params(params.train)
     source = cfg.pretrained
     if source != "none" and not _mlflow_uri(source) and not Path(source).is_absolute():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -148,7 +148,7 @@ def breakdown(
 
 def paired_difference(
     score: Callable[[np.ndarray, np.ndarray, float], float],
-    column: str,
+    column: str | Sequence[str],
     challenger: pd.DataFrame,
     champion: pd.DataFrame,
     n_boot: int,
@@ -160,7 +160,8 @@ def paired_difference(
     Args:
         score: the metric from labels, case scores and a decision threshold (a task's
             :meth:`~medimg.tasks.TaskSpec.score`).
-        column: the case score the metric is computed from.
+        column: the case score the metric is computed from (several columns: ``score``
+            receives them as an (n, columns) array, e.g. one probability per class).
         challenger, champion: per-case tables (``key``, ``patient``, ``label``, ``column``).
         n_boot: bootstrap resamples of patients.
         threshold: the decision thresholds of challenger and champion.
@@ -171,14 +172,18 @@ def paired_difference(
     Raises:
         TrackingError: the two tables share no case.
     """
-    pair = challenger[["key", "patient", "label", column]].merge(
-        champion[["key", column]], on="key", suffixes=("_a", "_b")
+    columns = [column] if isinstance(column, str) else list(column)
+    pair = challenger[["key", "patient", "label", *columns]].merge(
+        champion[["key", *columns]], on="key", suffixes=("_a", "_b")
     )
     if pair.empty:
         raise TrackingError("the challenger and the champion share no test cases")
 
     def value(frame: pd.DataFrame, side: str, cut: float) -> float:
-        return score(frame["label"].to_numpy(), frame[f"{column}_{side}"].to_numpy(), cut)
+        values = frame[[f"{c}_{side}" for c in columns]].to_numpy()
+        if isinstance(column, str):
+            values = values[:, 0]
+        return score(frame["label"].to_numpy(), values, cut)
 
     def diff(frame: pd.DataFrame) -> float:
         return value(frame, "a", threshold[0]) - value(frame, "b", threshold[1])

@@ -40,13 +40,14 @@ from medimg.checkpoint import (
     weights_payload,
 )
 from medimg.config import AugmentParams, LoaderParams, Params, TaskTrainParams
-from medimg.data.datasets import build_dataset, build_loader, cached_gib, fold_items
+from medimg.data import datasets as D
+from medimg.data.manifest import read_classes
 from medimg.infer import plain
 from medimg.io import atomic_write_text, remove_temporaries
 from medimg.models.pretrained import LoadReport, freeze_encoder, load_pretrained, param_groups
 from medimg.optim import EarlyStopping, build_optimizer, lr_schedule
-from medimg.report import write_model_card
-from medimg.tasks import TaskSpec, get_task
+from medimg.report import write_model_card, write_training_summary
+from medimg.tasks import TaskSpec, configured_task
 
 log = logging.getLogger(__name__)
 
@@ -149,19 +150,19 @@ class Trainer:
         from medimg.transforms import training_transforms
 
         cfg, masks = self.config, self.task.with_masks
-        train_items, val_items = fold_items(self.processed, cfg.fold, masks)
+        classes = self.task.training_classes()
+        train_items, val_items = D.fold_items(self.processed, cfg.fold, masks, classes)
+        self.train_labels = [it["y"] for it in train_items]
         dims = cfg.model.spatial_dims
         transform = training_transforms(
-            cfg.augment, train=True, with_label=masks, patches=masks, spatial_dims=dims
-        )
-        ds = build_dataset(train_items, transform, cfg.loader)
-        sampler: Any = None
-        if self.world > 1:
-            from torch.utils.data.distributed import DistributedSampler
-
-            sampler = DistributedSampler(ds, shuffle=True, seed=cfg.seed)
+            cfg.augment, train=True, with_label=masks, patches=masks, spatial_dims=dims,
+            structures=max(1, self.task.n_outputs - 1),
+        )  # fmt: skip
+        ds = D.build_dataset(train_items, transform, cfg.loader)
         generator = torch.Generator()
-        loader = build_loader(
+        weights = self.task.sample_weights(cfg.model, self.train_labels)
+        sampler = D.training_sampler(ds, weights, self.world > 1, cfg.seed, generator)
+        loader = D.build_loader(
             ds,
             cfg.loader,
             batch_size=cfg.model.batch_size,
@@ -175,9 +176,9 @@ class Trainer:
         val_transform = training_transforms(
             cfg.augment, train=False, with_label=masks, spatial_dims=dims
         )
-        left = max(0.0, cfg.loader.cache_gib - cached_gib(ds))
+        left = max(0.0, cfg.loader.cache_gib - D.cached_gib(ds))
         val_cfg = cfg.loader.model_copy(update={"cache_gib": left})
-        val_data = build_dataset(val_items, val_transform, val_cfg)
+        val_data = D.build_dataset(val_items, val_transform, val_cfg)
         return loader, transform, sampler, generator, val_data
 
     def build_components(self) -> Components:
@@ -210,7 +211,7 @@ class Trainer:
             net = DistributedDataParallel(model, device_ids=ids)
         return Components(
             loader, val_data, transform, generator, sampler, model, net,
-            optimizer, scheduler, scaler, self.task.loss(), report,
+            optimizer, scheduler, scaler, self.task.loss(cfg, self.train_labels), report,
         )  # fmt: skip
 
     def batch_loss(self, net: nn.Module, batch: dict[str, Any], loss_fn: nn.Module) -> torch.Tensor:
@@ -291,7 +292,9 @@ class Trainer:
                     val_loss, val_metric = self.validate(c.model, c.val_data)
                     best = stopper.update(epoch, val_metric, val_loss)
                 if best:
-                    payload = weights_payload(c.model, self.task.name, dict(self.config.resolved))
+                    payload = weights_payload(
+                        c.model, self.task.name, dict(self.config.resolved), self.task.describe()
+                    )
                     self.writer.save(payload, out / WEIGHTS, live=live_tensors(c.model))
                 if self.world > 1:
                     stopper.share()
@@ -338,6 +341,11 @@ class Trainer:
         )
 
 
+def _configured(task: str, config: TrainConfig, processed: Path) -> TaskSpec:
+    params = Params.model_validate(config.resolved) if config.resolved else Params()
+    return configured_task(task, params, read_classes(processed))
+
+
 def train(
     task: TaskSpec | str,
     config: TrainConfig,
@@ -350,7 +358,7 @@ def train(
     """Train one task; write ``out_dir/model.pt`` (best weights), ``checkpoint.pt``,
     ``config.json``, ``model_card.md`` and, when given, ``metrics_file`` (history and
     best epoch)."""
-    spec = get_task(task)
+    spec = task if isinstance(task, TaskSpec) else _configured(task, config, processed)
     # before the run's first tensor operation: the libraries read their settings once
     env = (
         runtime.pin_reproducible(config.threads)
@@ -387,14 +395,5 @@ def train(
             json.dumps(dict(config.resolved), indent=1, sort_keys=True, default=str),
         )
         if metrics_file is not None:
-            summary = {
-                "best_epoch": result.best_epoch,
-                "best_val_metric": round(result.best_metric, 6),
-                "val_metric": spec.val_metric,
-                "epochs_run": result.epochs_run,
-                "stopped_early": result.stopped_early,
-                # wall-clock seconds vary run to run: kept out of the tracked metrics file
-                "history": [{k: v for k, v in h.items() if k != "seconds"} for h in result.history],
-            }
-            atomic_write_text(metrics_file, json.dumps(summary, indent=1, sort_keys=True))
+            write_training_summary(metrics_file, spec.val_metric, result)
     return result

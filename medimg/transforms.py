@@ -22,6 +22,7 @@ from monai.transforms import (
     NormalizeIntensityd,
     Orientationd,
     RandAffined,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
@@ -111,6 +112,31 @@ def preprocessing_transforms(modality: str, cfg: PreprocessParams, with_label: b
     )
 
 
+def _patch_sampler(
+    keys: list[str], patch: Any, aug: AugmentParams, structures: int
+) -> MapTransform:
+    if structures == 1:
+        return RandCropByPosNegLabeld(
+            keys,
+            label_key=LABEL,
+            spatial_size=patch,
+            pos=aug.positive_ratio,
+            neg=1.0,
+            num_samples=aug.patches_per_volume,
+            allow_smaller=True,
+        )
+    return RandCropByLabelClassesd(
+        keys,
+        label_key=LABEL,
+        spatial_size=patch,
+        ratios=[1.0, *([aug.positive_ratio] * structures)],
+        num_classes=structures + 1,
+        num_samples=aug.patches_per_volume,
+        allow_smaller=True,
+        warn=False,  # a structure a volume lacks is skipped, not warned about per call
+    )
+
+
 def training_transforms(
     aug: AugmentParams,
     *,
@@ -118,13 +144,17 @@ def training_transforms(
     with_label: bool = True,
     patches: bool = False,
     spatial_dims: int = 3,
+    structures: int = 1,
 ) -> Compose:
     """Load preprocessed volumes (and their label maps, ``with_label``); add random
     augmentation when ``train``.
 
     With ``patches`` (a task that learns from label maps: segmentation), training samples
     patches of ``aug.patch_size`` around labelled and background voxels in the ratio
-    ``aug.positive_ratio``; otherwise whole volumes are augmented.
+    ``aug.positive_ratio``; otherwise whole volumes are augmented. Of several
+    ``structures``, patches are centred on each structure equally often (each at
+    ``aug.positive_ratio`` to the background's 1), so a small lesion is as often in a
+    patch as the body around it.
 
     ``spatial_dims=2`` (a 2D model on axial slices): with ``patches``,
     ``aug.patches_per_volume`` axial slices are sampled per volume, each an in-plane patch
@@ -146,17 +176,7 @@ def training_transforms(
     slices = spatial_dims == 2 and patches
     if patches:
         patch = (*aug.patch_size[:2], 1) if slices else aug.patch_size
-        chain.append(
-            RandCropByPosNegLabeld(
-                keys,
-                label_key=LABEL,
-                spatial_size=patch,
-                pos=aug.positive_ratio,
-                neg=1.0,
-                num_samples=aug.patches_per_volume,
-                allow_smaller=True,
-            )
-        )
+        chain.append(_patch_sampler(keys, patch, aug, structures))
     if slices:
         chain.append(SqueezeDimd(keys, dim=3))  # (1, R, A, 1) -> (1, R, A)
     rad = float(np.deg2rad(aug.rotate_deg))

@@ -131,14 +131,48 @@ def build_loader(
     return DataLoader(dataset, num_workers=0, **common)
 
 
-def fold_items(processed: Path, fold: int, with_label: bool) -> tuple[list, list]:
+def training_sampler(
+    ds: Dataset,
+    weights: Sequence[float] | None,
+    distributed: bool,
+    seed: int,
+    generator: torch.Generator,
+) -> Any:
+    """The training loader's sampler: DistributedSampler under DDP, a class-balanced
+    WeightedRandomSampler when ``weights`` (per item) are given, else None (shuffling).
+
+    Raises:
+        ConfigError: a balanced sampler under DDP (not supported; weight the loss instead).
+    """
+    if distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        if weights is not None:
+            raise ConfigError("train.classify.balance: sampler does not run under DDP; use weights")
+        return DistributedSampler(ds, shuffle=True, seed=seed)
+    if weights is None:
+        return None
+    from torch.utils.data import WeightedRandomSampler
+
+    return WeightedRandomSampler(list(weights), len(weights), replacement=True, generator=generator)
+
+
+def fold_items(
+    processed: Path, fold: int, with_label: bool, classes: tuple[str, ...] | None = None
+) -> tuple[list, list]:
     """Dataset items of the training folds and of validation fold ``fold``.
+
+    Args:
+        classes: the diagnosis' class names; when given, every class must have a training
+            case (a class the model never sees cannot be learnt).
 
     Raises:
         ConfigError: ``fold`` is not a fold of the processed manifest.
-        DataError: the fold leaves no training or validation data, or one class.
+        DataError: the fold leaves no training or validation data, one class only, or a
+            class without a training case (named, with the manifest).
     """
-    table = pd.read_parquet(processed / "manifest.parquet")
+    path = processed / "manifest.parquet"
+    table = pd.read_parquet(path)
     folds = sorted(s for s in table["split"].unique() if s != "test")
     if str(fold) not in folds:
         raise ConfigError(f"train.fold {fold} is not among the folds {folds} in splits.json")
@@ -146,4 +180,13 @@ def fold_items(processed: Path, fold: int, with_label: bool) -> tuple[list, list
     val = table[table["split"] == str(fold)]
     if train.empty or val.empty or train["label"].nunique() < 2:
         raise DataError(f"{processed}: fold {fold} leaves no usable training or validation data")
+    if classes is not None:
+        present = set(int(v) for v in train["label"].unique())
+        missing = [name for i, name in enumerate(classes) if i not in present]
+        if missing:
+            raise DataError(
+                f"{path}: class {missing[0]!r} has no training case outside fold {fold} "
+                f"(classes {list(classes)}); label more cases of it, or drop it from "
+                "train.classify.classes"
+            )
     return items(processed, train, with_label), items(processed, val, with_label)

@@ -16,16 +16,37 @@ from medimg.dicom.discover import Rejection
 from medimg.io import atomic_path, atomic_write_text
 
 MANIFEST_COLUMNS = [
-    "key", "patient", "study", "series", "modality", "vendor", "plane", "orientation",
-    "shape", "spacing", "dtype", "n_slices", "flags", "status", "label", "volume", "mask",
-    "lesion_voxels", "intensity_p01", "intensity_p99", "content_hash", "split_by", "split_value",
+    "key",
+    "patient",
+    "study",
+    "series",
+    "modality",
+    "vendor",
+    "plane",
+    "orientation",
+    "shape",
+    "spacing",
+    "dtype",
+    "n_slices",
+    "flags",
+    "status",
+    "label",
+    "volume",
+    "mask",
+    "lesion_voxels",
+    "intensity_p01",
+    "intensity_p99",
+    "content_hash",
+    "split_by",
+    "split_value",
 ]
 
 
 def write_manifest(records: list[dict[str, Any]], path: Path) -> None:
     """One row per volume, sorted by key; identifiers are keyed hashes only."""
-    frame = pd.DataFrame([{c: r.get(c) for c in MANIFEST_COLUMNS} for r in records],
-                         columns=MANIFEST_COLUMNS)
+    frame = pd.DataFrame(
+        [{c: r.get(c) for c in MANIFEST_COLUMNS} for r in records], columns=MANIFEST_COLUMNS
+    )
     frame["label"] = frame["label"].astype("Int8")
     frame["lesion_voxels"] = frame["lesion_voxels"].astype("Int64")
     with atomic_path(path, suffix=".tmp.parquet") as tmp:
@@ -69,9 +90,23 @@ def split_series(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def write_qc(summary: dict[str, Any], records: list[dict[str, Any]], out: Path) -> None:
     """``qc.json`` for machines and ``qc.html`` for people; neither names a source file."""
     series: list[dict[str, Any]] = [
-        {k: r.get(k) for k in ("key", "series", "modality", "vendor", "plane", "n_slices",
-                               "status", "flags", "label", "lesion_voxels", "split_by",
-                               "split_value")}
+        {
+            k: r.get(k)
+            for k in (
+                "key",
+                "series",
+                "modality",
+                "vendor",
+                "plane",
+                "n_slices",
+                "status",
+                "flags",
+                "label",
+                "lesion_voxels",
+                "split_by",
+                "split_value",
+            )
+        }
         for r in records
     ]
     split = split_series(records)
@@ -102,10 +137,39 @@ tr.flagged td{{background:#fff4d6}}</style></head><body>
 <h2>Series split into several volumes</h2>
 <p>Slices that differ in grid (PixelSpacing, matrix, ...) or that share positions but not
 echo, time point, b-value or dimension index make one volume each.</p>
-{table(["series", "volumes", "split by"],
-       ((s["series"], ", ".join(s["keys"]), s["split_by"]) for s in split))}
-<h2>Volumes</h2>{table(list(series[0]) if series else ["key"],
-                       ([s[k] if k != "flags" else ", ".join(s[k]) for k in s] for s in series))}
+{
+        table(
+            ["series", "volumes", "split by"],
+            ((s["series"], ", ".join(s["keys"]), s["split_by"]) for s in split),
+        )
+    }
+<h2>Volumes</h2>{
+        table(
+            list(series[0]) if series else ["key"],
+            ([s[k] if k != "flags" else ", ".join(s[k]) for k in s] for s in series),
+        )
+    }
 </body></html>
 """
     atomic_write_text(out / "qc.html", page)
+
+
+CLASSES = "classes.json"  # beside manifest.parquet: the label indices' class names
+
+
+def write_classes(classes: tuple[str, ...] | None, out: Path) -> None:
+    """``classes.json``: the class names the manifest's ``label`` indices stand for (none
+    written, and an old one removed, when no labels were read)."""
+    if classes is None:
+        (out / CLASSES).unlink(missing_ok=True)
+        return
+    atomic_write_text(out / CLASSES, json.dumps({"classes": list(classes)}, indent=1) + "\n")
+
+
+def read_classes(folder: Path) -> tuple[str, ...]:
+    """The class names of ``folder``'s manifest; ``("0", "1")`` for data labelled before
+    class names were recorded."""
+    path = folder / CLASSES
+    if not path.is_file():
+        return ("0", "1")
+    return tuple(str(c) for c in json.loads(path.read_text())["classes"])

@@ -38,7 +38,9 @@ def assign_all(patients: Mapping[str, int], cfg: SplitParams) -> dict[str, str]:
 
 
 def split_summary(
-    splits: Mapping[str, str], patient_labels: Mapping[str, int], series_per_patient: Mapping[str, int]
+    splits: Mapping[str, str],
+    patient_labels: Mapping[str, int],
+    series_per_patient: Mapping[str, int],
 ) -> dict[str, dict[str, int]]:
     """Patients, positive patients and series in each split."""
     out: dict[str, dict[str, int]] = {}

@@ -19,15 +19,15 @@ from medimg.models.resnet import build_classifier
 from medimg.models.unet import build_segmenter
 
 # task name (medimg.tasks) -> builder of its network
-BUILDERS: dict[str, Callable[[TaskTrainParams], nn.Module]] = {
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "classify": build_classifier,
     "segment": build_segmenter,
 }
 
 
-def build_model(task: str, cfg: TaskTrainParams) -> nn.Module:
-    """The network of ``task`` (a name of :data:`BUILDERS`) as ``cfg`` describes it,
-    randomly initialised.
+def build_model(task: str, cfg: TaskTrainParams, outputs: int | None = None) -> nn.Module:
+    """The network of ``task`` (a name of :data:`BUILDERS`) as ``cfg`` describes it, with
+    ``outputs`` logits or channels (None: the task's binary default), randomly initialised.
 
     Raises:
         ConfigError: an unknown task name.
@@ -36,7 +36,7 @@ def build_model(task: str, cfg: TaskTrainParams) -> nn.Module:
         builder = BUILDERS[task]
     except KeyError:
         raise ConfigError(f"task must be one of {tuple(BUILDERS)}, got {task!r}") from None
-    return builder(cfg)
+    return builder(cfg) if outputs is None else builder(cfg, outputs=outputs)
 
 
 def model_spatial_dims(model: nn.Module) -> int:

@@ -21,7 +21,8 @@ TOP_K_FRACTION = 0.1  # 2D: share of a volume's axial slices whose logits are av
 
 
 def top_k_mean(logits: torch.Tensor, fraction: float = TOP_K_FRACTION) -> torch.Tensor:
-    """Mean of the ``ceil(fraction * S)`` largest of each row's S slice logits: (B, S) -> (B,).
+    """Mean of the ``ceil(fraction * S)`` largest of each row's S slice logits: (B, S) -> (B,),
+    or per class, (B, S, K) -> (B, K).
 
     Example:
         >>> top_k_mean(torch.tensor([[0.0, 4.0, 2.0, -1.0]]), 0.5)
@@ -56,12 +57,13 @@ class SliceResNet(ResNet):
             return super().forward(x)
         b, c, r, a, s = x.shape
         slices = x.permute(0, 4, 1, 2, 3).reshape(b * s, c, r, a)  # (B*S, C, R, A)
-        logits = super().forward(slices).view(b, s)  # (B, S)
-        return top_k_mean(logits, self.top_k_fraction).unsqueeze(1)  # (B, 1)
+        logits = super().forward(slices).view(b, s, -1)  # (B, S, K)
+        return top_k_mean(logits, self.top_k_fraction)  # (B, K): per class, its top slices
 
 
-def build_classifier(cfg: TaskTrainParams, in_channels: int = 1) -> nn.Module:
-    """A MONAI ResNet with one output logit; 2D: a :class:`SliceResNet`.
+def build_classifier(cfg: TaskTrainParams, in_channels: int = 1, outputs: int = 1) -> nn.Module:
+    """A MONAI ResNet with ``outputs`` logits (one for a binary diagnosis, one per class
+    otherwise); 2D: a :class:`SliceResNet`.
 
     Example:
         >>> m = build_classifier(TaskTrainParams(arch="resnet10"))
@@ -74,7 +76,7 @@ def build_classifier(cfg: TaskTrainParams, in_channels: int = 1) -> nn.Module:
         return SliceResNet(
             cfg.arch,
             n_input_channels=in_channels,
-            num_classes=1,
+            num_classes=outputs,
             conv1_t_stride=cfg.conv1_stride,
             conv1_t_size=7,
             shortcut_type="B",
@@ -86,7 +88,7 @@ def build_classifier(cfg: TaskTrainParams, in_channels: int = 1) -> nn.Module:
     return factory(
         spatial_dims=cfg.spatial_dims,
         n_input_channels=in_channels,
-        num_classes=1,
+        num_classes=outputs,
         conv1_t_stride=cfg.conv1_stride,
         conv1_t_size=7,
         # MedicalNet's ResNet-10/18/34 use parameter-free shortcuts (type A), deeper ones

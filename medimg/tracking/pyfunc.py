@@ -44,8 +44,10 @@ with warnings.catch_warnings():
             from medimg.models.build import build_model
 
             self.meta = json.loads(Path(context.artifacts[_CONFIG]).read_text())
-            self.task = get_task(str(self.meta["task"]))
-            self.module = build_model(self.task.name, TaskTrainParams(**self.meta["model"]))
+            task = get_task(str(self.meta["task"]))
+            self.task = task.from_description(self.meta.get("outputs", {}))
+            cfg = TaskTrainParams(**self.meta["model"])
+            self.module = build_model(self.task.name, cfg, self.task.n_outputs)
             self.module.load_state_dict(load_file(context.artifacts[_WEIGHTS], device="cpu"))
             self.module.eval()
 
@@ -87,9 +89,13 @@ def log_model(params: Params, task: TaskSpec | str, model_dir: Path, run_id: str
     from safetensors.torch import save_file
 
     payload = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
+    if isinstance(task, str):  # a name: the outputs the weights were saved with
+        saved = json.loads(payload.get("outputs", "{}"))
+        spec = spec.configure(params).from_description(saved)
     size = tuple(params.preprocess.spatial_size)
     meta = {
         "task": spec.name,
+        "outputs": spec.describe(),
         "model": spec.train_params(params.train).model_dump(mode="json"),
         "patch_size": list(params.augment.patch_size),
         "input_shape": [1, *size],

@@ -119,6 +119,7 @@ def decide(
         return Decision(True, "already the champion", version, champion.version, metric)
     if challenger.cases is None or champion.cases is None:
         raise ValueError(f"version {version} vs {champion.version}: no per-case table")
+    spec = spec.for_cases(challenger.cases)
     cuts = (challenger.threshold, champion.threshold)
     a, b, d, lo, hi, n = paired_difference(
         lambda y, p, cut: spec.score(metric, y, p, cut),

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import queue
+import re
 import threading
 import time
 import warnings
@@ -281,15 +282,23 @@ def train_run(
 
 def metric_values(result: Mapping[str, Any]) -> dict[str, float]:
     """``metrics/<task>.json``'s headline metrics as flat MLflow metrics with their CIs:
-    ``test_auroc``, ``test_auroc_ci_lower``, ``test_auroc_ci_upper``..."""
+    ``test_auroc``, ``test_auroc_ci_lower``, ``test_auroc_ci_upper``...; per class or
+    structure too: ``test_liver_dice``, ``test_cyst_auroc``..."""
     out: dict[str, float] = {}
-    for name, m in (result.get("metrics") or {}).items():
-        if not m:
-            continue
-        for field, suffix in (("value", ""), ("ci_lower", "_ci_lower"), ("ci_upper", "_ci_upper")):
-            v = m.get(field)
-            if v is not None and math.isfinite(v):
-                out[f"test_{name}{suffix}"] = float(v)
+    blocks = [("", result.get("metrics") or {})]
+    for section in ("per_class", "per_structure"):
+        for owner, block in (result.get(section) or {}).items():
+            blocks.append((re.sub(r"[^A-Za-z0-9_.-]", "_", str(owner)) + "_", block))
+    for prefix, block in blocks:
+        for name, m in block.items():
+            if not isinstance(m, Mapping):
+                continue
+            for field, suffix in (
+                ("value", ""), ("ci_lower", "_ci_lower"), ("ci_upper", "_ci_upper")
+            ):  # fmt: skip
+                v = m.get(field)
+                if v is not None and math.isfinite(v):
+                    out[f"test_{prefix}{name}{suffix}"] = float(v)
     for key in ("n_test_patients", "n_test_series"):
         if key in result:
             out[key] = float(result[key])

@@ -55,7 +55,7 @@ def test_segmentation_validation_measures_dice_on_volumes_with_a_lesion() -> Non
     assert half == pytest.approx(2 / 3)
     assert losses == pytest.approx([1 - half, 1.0])
     assert SEGMENT.validation_metric(outputs) == pytest.approx(half)  # the empty one left out
-    assert math.isnan(SEGMENT.validation_metric([None]))
+    assert math.isnan(SEGMENT.validation_metric([[None]]))
 
 
 def test_each_task_predicts_its_output_shape() -> None:
