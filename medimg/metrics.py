@@ -1,5 +1,5 @@
-"""Evaluation metrics: classification, calibration, segmentation overlap and surface
-distance, and patient-level bootstrap confidence intervals.
+"""Evaluation metrics: binary classification, calibration, segmentation overlap and
+surface distance, per structure of a label map (N-class diagnosis: medimg.multiclass).
 
 Pure numpy (plus scipy.ndimage for surfaces): no plotting, no I/O. Undefined values
 (AUROC with a single class, a surface distance to an empty mask) are NaN rather than an
@@ -129,22 +129,13 @@ def youden_threshold(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
     return cut
 
 
-def _confusion(labels: IntArray, scores: FloatArray, threshold: float) -> tuple[int, int, int, int]:
-    """(tn, fp, fn, tp) for predictions ``scores >= threshold``."""
-    pred = scores >= threshold
-    tp = int(np.sum(pred & (labels == 1)))
-    fp = int(np.sum(pred & (labels == 0)))
-    fn = int(np.sum(~pred & (labels == 1)))
-    tn = int(np.sum(~pred & (labels == 0)))
-    return tn, fp, fn, tp
-
-
 def confusion_counts(
     y: npt.ArrayLike, p: npt.ArrayLike, threshold: float
 ) -> tuple[int, int, int, int]:
     """Confusion matrix counts ``(tn, fp, fn, tp)`` for predictions ``p >= threshold``."""
     labels, scores = _scores(y, p)
-    return _confusion(labels, scores, threshold)
+    tn, fp, fn, tp = np.bincount(2 * labels + (scores >= threshold), minlength=4).tolist()
+    return tn, fp, fn, tp
 
 
 def sensitivity_specificity(
@@ -265,6 +256,34 @@ def _surface(mask: BoolArray) -> BoolArray:
     return mask & ~ndimage.binary_erosion(mask)
 
 
+def _sampling(spacing: Sequence[float], ndim: int) -> list[float]:
+    if len(spacing) != ndim:
+        raise ValueError(f"{len(spacing)} spacings for a {ndim}-D mask")
+    return [float(s) for s in spacing]
+
+
+def _surface_scores(
+    a: BoolArray, b: BoolArray, sampling: list[float], tolerance_mm: float
+) -> tuple[float, float, float]:
+    """``(hd95, msd, nsd)`` of two masks: (0, 0, 1) if both are empty, (NaN, NaN, 0) if one is."""
+    if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
+        raise ValueError(f"tolerance must be a finite distance >= 0 mm, not {tolerance_mm}")
+    empty_a, empty_b = not a.any(), not b.any()
+    if empty_a and empty_b:
+        return 0.0, 0.0, 1.0
+    if empty_a or empty_b:
+        return math.nan, math.nan, 0.0
+    # the bounding box of both masks holds every nearest surface voxel; erosion is unchanged
+    both = np.argwhere(a | b)
+    box = tuple(slice(int(s), int(e) + 1) for s, e in zip(both.min(0), both.max(0), strict=True))
+    surf_a, surf_b = _surface(a[box]), _surface(b[box])
+    to_b = ndimage.distance_transform_edt(~surf_b, sampling=sampling)[surf_a]
+    to_a = ndimage.distance_transform_edt(~surf_a, sampling=sampling)[surf_b]
+    pooled = np.concatenate([to_b, to_a])
+    within = int(np.count_nonzero(pooled <= tolerance_mm))
+    return float(np.percentile(pooled, 95)), float(pooled.mean()), within / pooled.size
+
+
 def surface_distances(
     pred: npt.ArrayLike, truth: npt.ArrayLike, spacing: Sequence[float]
 ) -> tuple[float, float]:
@@ -284,25 +303,87 @@ def surface_distances(
         ``(hd95, msd)``: both 0.0 when both masks are empty, NaN when exactly one is.
     """
     a, b = _masks(pred, truth)
-    if len(spacing) != a.ndim:
-        raise ValueError(f"{len(spacing)} spacings for a {a.ndim}-D mask")
-    empty_a, empty_b = not a.any(), not b.any()
-    if empty_a and empty_b:
-        return 0.0, 0.0
-    if empty_a or empty_b:
-        return math.nan, math.nan
-    # Work in the bounding box of both masks plus one voxel: the nearest surface voxel is
-    # always inside it, and the margin keeps erosion at the array border unchanged.
-    both = np.argwhere(a | b)
-    lo = np.maximum(both.min(axis=0) - 1, 0)
-    hi = both.max(axis=0) + 2
-    box = tuple(slice(int(s), int(e)) for s, e in zip(lo, hi, strict=True))
-    surf_a, surf_b = _surface(a[box]), _surface(b[box])
-    sampling = [float(s) for s in spacing]
-    to_b = ndimage.distance_transform_edt(~surf_b, sampling=sampling)[surf_a]
-    to_a = ndimage.distance_transform_edt(~surf_a, sampling=sampling)[surf_b]
-    pooled = np.concatenate([to_b, to_a])
-    return float(np.percentile(pooled, 95)), float(pooled.mean())
+    hd95, msd, _ = _surface_scores(a, b, _sampling(spacing, a.ndim), 0.0)
+    return hd95, msd
+
+
+def normalised_surface_dice(
+    pred: npt.ArrayLike, truth: npt.ArrayLike, spacing: Sequence[float], tolerance_mm: float
+) -> float:
+    """Normalised surface Dice (Nikolov et al. 2021): the share of both surfaces within
+    ``tolerance_mm`` of the other.
+
+    Surfaces and distances are those of :func:`surface_distances`, each surface voxel
+    counting once: MONAI's ``compute_surface_dice`` without sub-voxels.
+
+    Args:
+        pred: predicted mask.
+        truth: reference mask of the same shape.
+        spacing: voxel size along each axis, in mm.
+        tolerance_mm: largest accepted distance (inclusive), in mm.
+
+    Returns:
+        The fraction in [0, 1]; 1.0 when both masks are empty (MONAI: NaN), 0.0 when
+        exactly one is.
+    """
+    a, b = _masks(pred, truth)
+    return _surface_scores(a, b, _sampling(spacing, a.ndim), tolerance_mm)[2]
+
+
+def _label_map(labels: npt.ArrayLike, n_structures: int, what: str) -> IntArray:
+    arr = np.asarray(labels)
+    ints = arr if np.issubdtype(arr.dtype, np.integer) else arr.astype(np.int64)  # NIfTI floats
+    low, high = (int(ints.min()), int(ints.max())) if arr.size else (0, 0)
+    if not (np.array_equal(ints, arr) and 0 <= low <= high <= n_structures):
+        raise ValueError(f"the {what} label map must hold integers 0..{n_structures} only")
+    return ints
+
+
+def structure_scores(
+    pred_labels: npt.ArrayLike,
+    truth_labels: npt.ArrayLike,
+    n_structures: int,
+    spacing: Sequence[float],
+    tolerance_mm: float,
+) -> list[dict[str, Any]]:
+    """Dice, HD95, MSD and NSD of each structure of two label maps.
+
+    Each structure is scored in the bounding box of its voxels in either map, with one
+    distance transform per surface: a small structure in a large volume costs little.
+
+    Args:
+        pred_labels: predicted label map, integers 0 (background) to ``n_structures``.
+        truth_labels: reference label map of the same shape.
+        n_structures: number of structures K; a label above it is an error.
+        spacing: voxel size along each axis, in mm.
+        tolerance_mm: NSD tolerance, in mm.
+
+    Returns:
+        One dict per structure 1..K, in order: ``structure`` (its label), ``dice``,
+        ``hd95``, ``msd``, ``nsd`` (as :func:`dice`, :func:`surface_distances` and
+        :func:`normalised_surface_dice` give them: HD95 and MSD are NaN when exactly one
+        mask is empty), ``present`` (the truth has the structure), ``predicted_voxels``.
+    """
+    pred = _label_map(pred_labels, n_structures, "predicted")
+    truth = _label_map(truth_labels, n_structures, "reference")
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
+    sampling = _sampling(spacing, pred.ndim)
+    # one pass over each map finds every structure's bounding box
+    objects = [ndimage.find_objects(m, max_label=n_structures) for m in (pred, truth)]
+    rows = []
+    for k, found in enumerate(zip(*objects, strict=True), start=1):
+        boxes = [b for b in found if b is not None] or [(slice(0, 0),) * pred.ndim]
+        box = tuple(
+            slice(min(s.start for s in d), max(s.stop for s in d)) for d in zip(*boxes, strict=True)
+        )
+        a, b = pred[box] == k, truth[box] == k
+        hd95, msd, nsd = _surface_scores(a, b, sampling, tolerance_mm)
+        rows.append(
+            {"structure": k, "dice": dice(a, b), "hd95": hd95, "msd": msd, "nsd": nsd}
+            | {"present": found[1] is not None, "predicted_voxels": int(a.sum())}
+        )
+    return rows
 
 
 def __getattr__(name: str) -> Any:

@@ -13,9 +13,11 @@ from medimg.metrics import (
     balanced_accuracy,
     dice,
     expected_calibration_error,
+    normalised_surface_dice,
     reliability_table,
     roc_curve,
     sensitivity_specificity,
+    structure_scores,
     surface_distances,
     youden_threshold,
 )
@@ -232,6 +234,161 @@ def test_distances_of_masks_on_the_border() -> None:
     b[:, :, :6] = True
     hd95, msd = surface_distances(a, b, (1.0, 1.0, 1.0))
     assert 0 < msd <= hd95 <= 2.0
+
+
+def _shifted(mask: np.ndarray, voxels: int, axis: int = 0) -> np.ndarray:
+    """The mask moved by whole voxels along one axis (nothing wraps round)."""
+    out = np.zeros_like(mask)
+    src = [slice(None)] * mask.ndim
+    dst = [slice(None)] * mask.ndim
+    src[axis], dst[axis] = slice(0, mask.shape[axis] - voxels), slice(voxels, None)
+    out[tuple(dst)] = mask[tuple(src)]
+    return out
+
+
+def test_nsd_of_a_sphere_shifted_within_and_beyond_the_tolerance() -> None:
+    sphere = _sphere((41, 41, 21), 12.0)
+    moved = _shifted(sphere, 5, axis=2)  # 5 voxels of 2 mm: 10 mm along the coarse axis
+    # every surface voxel has its own copy 10 mm away, so within 10 mm all of it counts
+    assert normalised_surface_dice(sphere, moved, SPACING, 10.0) == 1.0
+    assert normalised_surface_dice(sphere, moved, SPACING, 12.0) == 1.0
+    assert normalised_surface_dice(sphere, moved, SPACING, 9.9) < 1.0
+    # beyond: for spheres of radius r shifted by d, a share tol / d of the surface lies
+    # within tol of the other sphere (points at cos(angle) within tol / d of d / 2r)
+    for tolerance in (2.0, 4.0):
+        nsd = normalised_surface_dice(sphere, moved, SPACING, tolerance)
+        assert nsd == pytest.approx(tolerance / 10.0, abs=0.08)
+    assert normalised_surface_dice(sphere, sphere, SPACING, 0.0) == 1.0
+    empty = np.zeros_like(sphere)
+    assert normalised_surface_dice(empty, empty, SPACING, 1.0) == 1.0
+    assert normalised_surface_dice(sphere, empty, SPACING, 1.0) == 0.0
+    assert normalised_surface_dice(empty, sphere, SPACING, 1.0) == 0.0
+    with pytest.raises(ValueError):
+        normalised_surface_dice(sphere, moved, SPACING, -1.0)
+    with pytest.raises(ValueError):
+        normalised_surface_dice(sphere, moved, (1.0, 1.0), 1.0)
+
+
+def test_nsd_against_brute_force() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(8)
+    shape = (22, 16, 10)
+    a = ndimage.gaussian_filter(rng.random(shape), 2) > 0.5
+    b = ndimage.gaussian_filter(rng.random(shape), 2) > 0.5
+
+    def surface_points(m: np.ndarray) -> np.ndarray:
+        return np.argwhere(m & ~ndimage.binary_erosion(m)) * np.asarray(SPACING)
+
+    d = cdist(surface_points(a), surface_points(b))
+    pooled = np.r_[d.min(axis=1), d.min(axis=0)]
+    for tolerance in (0.0, 1.0, 2.0, 3.5):
+        expected = np.mean(pooled <= tolerance)
+        assert normalised_surface_dice(a, b, SPACING, tolerance) == pytest.approx(expected)
+
+
+def _label_maps() -> tuple[np.ndarray, np.ndarray]:
+    """Truth and prediction with four structures, each a different case.
+
+    1: a large blob, predicted a little shifted; 2: a small sphere on the array border,
+    predicted eroded; 3: only in the truth (missed); 4: only predicted (false alarm);
+    5: in neither.
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(9)
+    shape = (48, 40, 24)
+    truth = np.zeros(shape, np.uint8)
+    pred = np.zeros(shape, np.uint8)
+    blob = ndimage.gaussian_filter(rng.random(shape), 3) > 0.5
+    truth[blob] = 1
+    pred[_shifted(blob, 2, axis=1)] = 1
+    ball = np.zeros(shape, bool)
+    ball[:9, :9, :7] = _sphere((9, 9, 7), 3.5)
+    truth[ball] = 2
+    pred[ndimage.binary_erosion(ball)] = 2
+    truth[30:34, 30:34, 16:20] = 3
+    pred[40:44, 2:6, 20:23] = 4
+    return pred, truth
+
+
+@pytest.mark.filterwarnings("ignore:the (prediction|ground truth) of class:UserWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # MONAI's own deprecated argument
+def test_nsd_matches_monai_with_anisotropic_spacing() -> None:
+    import torch
+    from monai.metrics import compute_surface_dice
+
+    pred, truth = _label_maps()
+    spacing = (0.7, 1.3, 2.5)  # mm
+    thresholds = [1.0, 2.0, 3.0, 1.5]  # per structure 1..4, mm
+    one_hot = [
+        torch.from_numpy(np.eye(6, dtype=np.uint8)[m]).permute(3, 0, 1, 2)[None]
+        for m in (pred, truth)
+    ]
+    theirs = compute_surface_dice(
+        one_hot[0][:, :5], one_hot[1][:, :5], thresholds, spacing=spacing
+    )[0].numpy()
+    ours = [
+        normalised_surface_dice(pred == k, truth == k, spacing, tau)
+        for k, tau in enumerate(thresholds, start=1)
+    ]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    assert 0 < ours[0] < 1 and 0 < ours[1] < 1  # the comparison is not trivial
+    assert ours[2:] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("tolerance", [1.0, 3.0])
+def test_structure_scores_equal_the_per_mask_metrics(tolerance: float) -> None:
+    pred, truth = _label_maps()
+    spacing = (0.8, 1.1, 2.0)
+    rows = structure_scores(pred, truth, 5, spacing, tolerance)
+    assert [r["structure"] for r in rows] == [1, 2, 3, 4, 5]
+    for k, row in enumerate(rows, start=1):
+        a, b = pred == k, truth == k
+        assert set(row) == {
+            "structure",
+            "dice",
+            "hd95",
+            "msd",
+            "nsd",
+            "present",
+            "predicted_voxels",
+        }
+        assert row["dice"] == dice(a, b)
+        np.testing.assert_array_equal([row["hd95"], row["msd"]], surface_distances(a, b, spacing))
+        assert row["nsd"] == normalised_surface_dice(a, b, spacing, tolerance)
+        assert row["present"] == bool(b.any())
+        assert row["predicted_voxels"] == int(a.sum())
+    assert [r["present"] for r in rows] == [True, True, True, False, False]
+    assert 0 < rows[0]["dice"] < 1 and 0 < rows[1]["dice"] < 1
+    assert rows[2]["dice"] == rows[3]["dice"] == 0.0
+    assert math.isnan(rows[2]["hd95"]) and math.isnan(rows[3]["msd"])
+    assert rows[4] == {
+        "structure": 5,
+        "dice": 1.0,
+        "hd95": 0.0,
+        "msd": 0.0,
+        "nsd": 1.0,
+        "present": False,
+        "predicted_voxels": 0,
+    }
+
+
+def test_structure_scores_input() -> None:
+    pred, truth = _label_maps()
+    as_float = structure_scores(pred.astype(np.float32), truth.astype(np.float64), 5, SPACING, 2)
+    assert as_float == structure_scores(pred, truth, 5, SPACING, 2)  # NIfTI's floats are fine
+    assert len(structure_scores(pred, truth, 7, SPACING, 2)) == 7  # labels may go unused
+    with pytest.raises(ValueError, match=r"0\.\.3"):
+        structure_scores(pred, truth, 3, SPACING, 2.0)  # label 4 beyond the structures
+    with pytest.raises(ValueError):
+        structure_scores(pred + 0.5, truth, 5, SPACING, 2.0)
+    with pytest.raises(ValueError):
+        structure_scores(pred[:-1], truth, 5, SPACING, 2.0)
+    with pytest.raises(ValueError):
+        structure_scores(pred, truth, 5, SPACING[:2], 2.0)
+    with pytest.raises(ValueError):
+        structure_scores(pred, truth, 5, SPACING, math.inf)
 
 
 # --- bootstrap -------------------------------------------------------------------------

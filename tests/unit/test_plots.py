@@ -7,12 +7,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from medimg import multiclass
 from medimg.metrics import confusion_counts, reliability_table, roc_curve
 from medimg.plots import (
     plot_calibration,
+    plot_calibration_multiclass,
     plot_confusion,
+    plot_confusion_matrix,
     plot_per_case,
+    plot_per_structure,
     plot_roc,
+    plot_roc_one_vs_rest,
     plot_training_curves,
 )
 
@@ -29,6 +34,21 @@ CASES = pd.DataFrame(
         "dice": np.r_[rng.random(11), np.nan],
     }
 )
+CLASSES = ["none", "cyst-like", "solid-like"]
+Y3 = rng.permutation(np.r_[0, 1, 2, rng.integers(0, 3, 87)])
+_logits = rng.normal(0, 1, (Y3.size, 3))
+_logits[np.arange(Y3.size), Y3] += 1.5
+P3 = np.exp(_logits) / np.exp(_logits).sum(axis=1, keepdims=True)
+PRED3 = multiclass.predicted_class(P3)
+STRUCTURES = ["body", "lungs", "liver", "spine", "lesion"]
+PER_STRUCTURE = pd.DataFrame(
+    {
+        "key": np.repeat([f"k{i:02d}" for i in range(8)], 5),
+        "structure": STRUCTURES * 8,
+        "dice": np.r_[rng.random(39), np.nan],
+        "hd95": rng.random(40) * 10,
+    }
+).sample(frac=1.0, random_state=1)  # shuffled: the order of first appearance is kept
 HISTORY = [
     {"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_metric": 1 - 0.5 / e, "note": "x"}
     for e in range(1, 6)
@@ -72,6 +92,109 @@ def test_plot_confusion(tmp_path: Path) -> None:
     assert table["count"].sum() == Y.size
 
 
+def test_plot_confusion_matrix(tmp_path: Path) -> None:
+    paths = plot_confusion_matrix(Y3, PRED3, CLASSES, tmp_path)
+    table = _check_files(paths, tmp_path, "confusion_matrix")
+    assert list(table.columns) == ["truth", "predicted", "count"]
+    assert len(table) == 9  # every cell, zeros included
+    counts = multiclass.confusion_matrix(Y3, PRED3, 3)
+    for row in table.itertuples():
+        assert row.count == counts[CLASSES.index(row.truth), CLASSES.index(row.predicted)]
+    assert table["count"].sum() == Y3.size
+    assert counts.trace() > Y3.size / 2  # the data lean towards the truth: not all zeros
+    with pytest.raises(ValueError):
+        plot_confusion_matrix(Y3, PRED3, [*CLASSES[:2], "none"], tmp_path / "x")
+
+
+def test_confusion_matrix_does_not_overwrite_the_binary_one(tmp_path: Path) -> None:
+    binary = plot_confusion(Y, P, 0.5, tmp_path)
+    two_class = plot_confusion_matrix(Y, (P >= 0.5).astype(int), ["neg", "pos"], tmp_path)
+    assert {p.name for p in binary}.isdisjoint(p.name for p in two_class)
+    a, b = pd.read_csv(binary[1]), pd.read_csv(two_class[1])
+    assert a["count"].tolist() == b["count"].tolist()  # same cells, in the same order
+
+
+def test_plot_roc_one_vs_rest(tmp_path: Path) -> None:
+    paths = plot_roc_one_vs_rest(Y3, P3, CLASSES, tmp_path)
+    table = _check_files(paths, tmp_path, "roc_one_vs_rest")
+    assert list(table.columns) == ["class", "fpr", "tpr"]
+    assert list(dict.fromkeys(table["class"])) == CLASSES
+    for k, name in enumerate(CLASSES):
+        fpr, tpr, _ = roc_curve(np.equal(Y3, k), P3[:, k])
+        rows = table[table["class"] == name]
+        np.testing.assert_allclose(rows["fpr"], fpr)
+        np.testing.assert_allclose(rows["tpr"], tpr)
+        area = np.trapezoid(rows["tpr"], rows["fpr"])
+        assert area == pytest.approx(multiclass.one_vs_rest_auroc(Y3, P3)[k])
+
+
+def test_plot_roc_one_vs_rest_with_a_class_absent(tmp_path: Path) -> None:
+    y = np.where(Y3 == 1, 0, Y3)  # nobody is cyst-like
+    table = _check_files(
+        plot_roc_one_vs_rest(y, P3, CLASSES, tmp_path), tmp_path, "roc_one_vs_rest"
+    )
+    absent = table[table["class"] == "cyst-like"]
+    assert absent["tpr"].isna().all()
+    assert table.loc[table["class"] != "cyst-like", ["fpr", "tpr"]].notna().all().all()
+
+
+def test_plot_calibration_multiclass(tmp_path: Path) -> None:
+    paths = plot_calibration_multiclass(Y3, P3, tmp_path, n_bins=5)
+    table = _check_files(paths, tmp_path, "calibration_top_label")
+    assert list(table.columns) == ["bin_lower", "bin_upper", "count", "mean_confidence", "accuracy"]
+    confidence, correct = multiclass.top_label(Y3, P3)
+    expected = reliability_table(correct, confidence, n_bins=5)
+    np.testing.assert_allclose(table["mean_confidence"], expected["mean_predicted"])
+    np.testing.assert_allclose(table["accuracy"], expected["fraction_positive"])
+    assert table["count"].sum() == Y3.size
+    assert table.loc[0, "count"] == 0  # no top class is below 1/3 sure
+    full = table[table["count"] > 0]
+    gap = np.abs(full["mean_confidence"] - full["accuracy"])
+    assert float((full["count"] * gap).sum() / Y3.size) == pytest.approx(
+        multiclass.expected_calibration_error(Y3, P3, n_bins=5)
+    )
+
+
+def test_plot_per_structure(tmp_path: Path) -> None:
+    table = _check_files(
+        plot_per_structure(PER_STRUCTURE, tmp_path), tmp_path, "dice_per_structure"
+    )
+    assert list(table.columns) == ["key", "structure", "dice"]
+    order = list(dict.fromkeys(PER_STRUCTURE["structure"]))
+    assert list(dict.fromkeys(table["structure"])) == order
+    for _, rows in table.groupby("structure", sort=False):
+        finite = rows["dice"].dropna()
+        assert finite.is_monotonic_increasing  # worst first
+        assert rows["dice"].iloc[: finite.size].notna().all()  # NaN last
+    merged = table.merge(PER_STRUCTURE, on=["key", "structure"], suffixes=("", "_in"))
+    assert len(merged) == len(PER_STRUCTURE)
+    np.testing.assert_allclose(merged["dice"], merged["dice_in"])
+    other = plot_per_structure(PER_STRUCTURE, tmp_path / "hd", "hd95_per_structure", value="hd95")
+    assert list(pd.read_csv(other[1]).columns) == ["key", "structure", "hd95"]
+    with pytest.raises(ValueError, match="structure"):
+        plot_per_structure(PER_STRUCTURE.drop(columns="structure"), tmp_path / "x")
+
+
+def test_per_structure_from_structure_scores(tmp_path: Path) -> None:
+    from medimg.metrics import structure_scores
+
+    truth = np.zeros((12, 12, 6), np.uint8)
+    truth[2:6, 2:6, 1:4], truth[7:10, 7:11, 2:5] = 1, 2
+    cases = []
+    for i in range(3):
+        pred = np.roll(truth, i, axis=0)
+        for row in structure_scores(pred, truth, 2, (1.0, 1.0, 2.0), 1.0):
+            cases.append(
+                {"key": f"c{i}", "structure": STRUCTURES[row["structure"] - 1], "dice": row["dice"]}
+            )
+    table = _check_files(
+        plot_per_structure(pd.DataFrame(cases), tmp_path), tmp_path, "dice_per_structure"
+    )
+    assert table["structure"].tolist() == ["body"] * 3 + ["lungs"] * 3
+    assert table.loc[table["key"] == "c0", "dice"].tolist() == [1.0, 1.0]
+    assert table["dice"].iloc[0] < 1.0 and table["dice"].iloc[3] < 1.0
+
+
 def test_plot_per_case(tmp_path: Path) -> None:
     paths = plot_per_case(CASES, "dice", tmp_path, "dice_per_case")
     table = _check_files(paths, tmp_path, "dice_per_case")
@@ -108,6 +231,10 @@ PLOTS: dict[str, Callable[[Path], list[Path]]] = {
     "confusion": lambda d: plot_confusion(Y, P, 0.4, d),
     "per_case": lambda d: plot_per_case(CASES, "dice", d, "per_case"),
     "training": lambda d: plot_training_curves(HISTORY, d),
+    "confusion_matrix": lambda d: plot_confusion_matrix(Y3, PRED3, CLASSES, d),
+    "roc_one_vs_rest": lambda d: plot_roc_one_vs_rest(Y3, P3, CLASSES, d),
+    "calibration_top_label": lambda d: plot_calibration_multiclass(Y3, P3, d),
+    "per_structure": lambda d: plot_per_structure(PER_STRUCTURE, d),
 }
 
 
