@@ -196,9 +196,11 @@ def evaluate(task: str = TASK_OPTION, params_file: Path = PARAMS_OPTION) -> None
     params = _load(params_file)
     with _user_errors():
         result = stages.evaluate(params, task)
-    for name, m in result["metrics"].items():
-        if m:
-            typer.echo(f"{task} {name}: {m['value']} (95% CI {m['ci_lower']} to {m['ci_upper']})")
+    from medimg.report import metric_rows
+
+    for owner, name, m in metric_rows(result):
+        what = f"{owner} {name}" if owner else name
+        typer.echo(f"{task} {what}: {m['value']} (95% CI {m['ci_lower']} to {m['ci_upper']})")
 
 
 def _decision(task: str, d: Any) -> None:

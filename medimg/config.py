@@ -7,7 +7,6 @@ and wrong values fail with a message naming the key and the file.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,6 +21,16 @@ from pydantic import (
 )
 
 from medimg.errors import ConfigError
+from medimg.structures import (
+    LESION,
+    CodeParams,
+    StructureParams,
+    check_structures,
+    structure_key,
+    structure_label,
+)
+
+__all__ = ["LESION", "CodeParams", "StructureParams", "structure_key"]  # their old home
 
 Orientation = Literal["axial", "coronal", "sagittal", "oblique"]
 Range = tuple[float, float]
@@ -339,39 +348,6 @@ class PredictParams(StrictModel):
         return self
 
 
-class CodeParams(StrictModel):
-    """A coded concept, as a DICOM code sequence item holds it (SNOMED CT by default)."""
-
-    value: str = Field(min_length=1, max_length=64)  # CodeValue, e.g. 10200004
-    meaning: str = Field(min_length=1, max_length=64)  # CodeMeaning, e.g. Liver
-    scheme: str = Field("SCT", min_length=1)  # CodingSchemeDesignator
-
-
-class StructureParams(StrictModel):
-    """One segmentation target: its name, the codes a DICOM SEG needs, its synonyms."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # segment label and
-    # the suffix of a per-structure NIfTI mask (<SeriesInstanceUID>_<name>.nii.gz)
-    category: CodeParams  # SegmentedPropertyCategoryCode (SNOMED CT), e.g. Anatomical Structure
-    type: CodeParams  # SegmentedPropertyTypeCode (SNOMED CT), e.g. Liver
-    synonyms: tuple[str, ...] = ()  # other ROI / segment names in annotations that mean
-    # this structure; matched ignoring case, spaces, '-' and '_' (Liver, LIVER_1, liver)
-
-
-LESION = StructureParams(
-    name="lesion",
-    category=CodeParams(value="49755003", meaning="Morphologically Abnormal Structure"),
-    type=CodeParams(value="52988006", meaning="Lesion"),
-    synonyms=("tumor", "tumour", "mass", "gtv"),
-)
-
-
-def structure_key(name: str) -> str:
-    """How structure names compare: case, spaces, '-', '_' and a trailing number ignored."""
-    key = re.sub(r"[\s_\-]+", "", name.casefold())
-    return re.sub(r"\d+$", "", key) or key
-
-
 class Params(StrictModel):
     """All of ``params.yaml``."""
 
@@ -395,25 +371,12 @@ class Params(StrictModel):
     @field_validator("structures")
     @classmethod
     def _check_structures(cls, value: tuple[StructureParams, ...]) -> tuple[StructureParams, ...]:
-        if not value or len(value) > 254:
-            raise ValueError("needs between 1 and 254 structures")
-        seen: dict[str, str] = {}
-        for s in value:
-            for alias in (s.name, *s.synonyms):
-                key = structure_key(alias)
-                if key in seen and seen[key] != s.name:
-                    raise ValueError(f"{alias!r} would name both {seen[key]!r} and {s.name!r}")
-                seen[key] = s.name
-        return value
+        return check_structures(value)
 
     def structure_label(self, name: str) -> int | None:
         """The label-map value (1..K) of the structure an annotation's ``name`` means, or
         None when no configured structure or synonym matches."""
-        key = structure_key(name)
-        for i, s in enumerate(self.structures, start=1):
-            if key in {structure_key(a) for a in (s.name, *s.synonyms)}:
-                return i
-        return None
+        return structure_label(self.structures, name)
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -232,6 +232,16 @@ def write_model_card(
     atomic_write_text(path, "\n".join(lines))
 
 
+def metric_rows(result: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """``metrics/<task>.json``'s metrics with intervals, flat: ``("", "auroc", m)`` for the
+    headline ones, then ``("liver", "dice", m)`` per structure or class."""
+    rows = [("", name, m) for name, m in (result.get("metrics") or {}).items() if m]
+    for section in ("per_class", "per_structure"):
+        for owner, block in (result.get(section) or {}).items():
+            rows += [(owner, k, m) for k, m in block.items() if isinstance(m, dict) and m]
+    return rows
+
+
 class _History(_Result, Protocol):
     history: list[dict[str, Any]]
     stopped_early: bool

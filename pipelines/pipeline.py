@@ -24,6 +24,7 @@ from prefect.runtime import flow_run
 
 from medimg import stages
 from medimg.config import Params, load_params
+from medimg.report import metric_rows
 from medimg.tasks import TASKS
 from pipelines.tasks import retry_on_io
 
@@ -86,10 +87,10 @@ def summary_markdown(
         if not path.is_file():
             continue
         link = _run_link(params, root, task_name)
-        for name, m in json.loads(path.read_text())["metrics"].items():
-            if m:
-                ci = f"{m['ci_lower']} to {m['ci_upper']}"
-                lines.append(f"| {task_name} | {name} | {m['value']} | {ci} | {link} |")
+        for owner, name, m in metric_rows(json.loads(path.read_text())):
+            ci = f"{m['ci_lower']} to {m['ci_upper']}"
+            what = f"{owner}: {name}" if owner else name
+            lines.append(f"| {task_name} | {what} | {m['value']} | {ci} | {link} |")
     lines += ["", "## Registry", "", "| model | version | decision | reason |", "|---|---|---|---|"]
     for task_name, d in decisions.items():
         verdict = "champion" if d["promoted"] else "challenger"

@@ -32,6 +32,13 @@ from medimg.tasks.base import Batch, Item, TaskSpec
 SCORES = ("dice", "hd95", "msd", "nsd")  # per structure and case, in cases.csv
 
 
+def nanmean(values: Any) -> float:
+    """The mean of the defined values; NaN (without a warning) when there is none."""
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else math.nan
+
+
 @dataclass(frozen=True)
 class Segmentation(TaskSpec):
     """Segmentation of :attr:`labels` (``("lesion",)``: one lesion channel)."""
@@ -148,7 +155,7 @@ class Segmentation(TaskSpec):
         self, cases: pd.DataFrame, validation: Callable[[], pd.DataFrame], plots_dir: Path
     ) -> dict[str, Any]:
         def mean(col: str) -> Callable[[pd.DataFrame], float]:
-            return lambda f: float(np.nanmean(f[col])) if len(f) else math.nan
+            return lambda f: nanmean(f[col])
 
         if self.single:
             return self._summarise_single(cases, plots_dir, mean)
@@ -166,11 +173,11 @@ class Segmentation(TaskSpec):
         def over_structures(score: str) -> Callable[[pd.DataFrame], float]:
             def stat(f: pd.DataFrame) -> float:
                 values = [
-                    np.nanmean(f.loc[f[f"present_{n}"].astype(bool), f"{score}_{n}"])
+                    nanmean(f.loc[f[f"present_{n}"].astype(bool), f"{score}_{n}"])
                     for n in self.labels
                     if f[f"present_{n}"].astype(bool).any()
                 ]
-                return float(np.nanmean(values)) if values else math.nan
+                return nanmean(values)
 
             return stat
 
@@ -226,7 +233,7 @@ class Segmentation(TaskSpec):
     def score(
         self, metric: str, y: npt.NDArray[Any], values: npt.NDArray[Any], cut: float
     ) -> float:
-        return float(np.nanmean(values)) if len(values) else math.nan
+        return nanmean(values)
 
     # -- prediction -----------------------------------------------------------------
     def output_shape(self, size: Sequence[int]) -> tuple[int, ...]:

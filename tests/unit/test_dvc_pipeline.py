@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 PLUMBING = {
     "medimg/__init__.py",
     "medimg/config.py",
+    "medimg/structures.py",  # part of the config (its structures section)
     "medimg/errors.py",
     "medimg/io.py",
     "medimg/tracking/__init__.py",
