@@ -24,7 +24,7 @@ objects carry patient names.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
+from medimg.config import StructureParams, structure_key
 from medimg.dicom.geometry import LPS_TO_RAS, direction_cosines
 from medimg.dicom.read import dcmread
 from medimg.errors import DicomError
@@ -42,6 +43,13 @@ PLANE_TOLERANCE = 0.25  # max distance of a contour or SEG frame from a slice pl
 PIXEL_TOLERANCE = 0.1  # max in-plane distance of a SEG pixel from a voxel centre, voxels
 
 StructureLabel = Callable[[str], "int | None"]
+
+
+def structure_labels(structures: Sequence[StructureParams]) -> StructureLabel:
+    """``Params.structure_label`` for ``structures``: a name (or synonym, compared as
+    :func:`~medimg.config.structure_key` does) to its label value, None for no match."""
+    keys = {structure_key(a): i for i, s in enumerate(structures, 1) for a in (s.name, *s.synonyms)}
+    return lambda name: keys.get(structure_key(name))
 
 
 def annotation_kind(sop_class: str, modality: str = "") -> str | None:
