@@ -255,7 +255,7 @@ def seg_masks(
         if kind == "LABELMAP":
             values = {n: frames[f] == n for n in segments}
         else:
-            number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+            number = int(_group(ds, item, "SegmentIdentificationSequence").ReferencedSegmentNumber)
             values = {number: frames[f] > cut}
         for n, hit in values.items():
             r, c = np.nonzero(hit)
