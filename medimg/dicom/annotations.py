@@ -201,14 +201,20 @@ def rasterise(
 
 
 def _read_full(path: Path, kind: str) -> Dataset:
+    """The whole object: a SEG through highdicom (which checks it as a Segmentation),
+    unless highdicom refuses its transfer syntax (big endian), then through pydicom."""
     try:
-        if kind == "seg":
-            import highdicom as hd
-
-            return hd.seg.segread(path)
-        return dcmread(path)
-    except Exception as e:  # highdicom and pydicom raise many types on damaged files
+        ds = dcmread(path)
+    except Exception as e:  # pydicom raises many types on damaged files
         raise DicomError(f"{path}: cannot read the {kind.upper()} ({type(e).__name__})") from e
+    if kind == "seg" and ds.file_meta.get("TransferSyntaxUID") != "1.2.840.10008.1.2.2":
+        import highdicom as hd
+
+        try:
+            return hd.seg.Segmentation.from_dataset(ds, copy=False)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise DicomError(f"{path}: not a valid SEG ({type(e).__name__})") from e
+    return ds
 
 
 def _group(ds: Dataset, frame: Dataset, keyword: str) -> Dataset:
