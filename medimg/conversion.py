@@ -168,6 +168,28 @@ def ingest_stack(job: Job, cfg: IngestParams, paths: IngestPaths, threads: int =
     return StackResult(record=record, rejected=rejected)
 
 
+def annotated_job(
+    key: str,
+    stack: Stack,
+    masks: Path | None,
+    annotations: list[Path],
+    structures: tuple[StructureParams, ...],
+) -> Job:
+    """A stack's job with its annotations: the NIfTI masks named by its series in
+    ``masks``, and the SEG and RTSTRUCT files matched to it (fingerprint and manifest
+    facts still empty)."""
+    return Job(
+        key,
+        stack,
+        "",
+        {},
+        find_mask(masks, stack.series_uid),
+        structure_masks(masks, stack.series_uid, structures),
+        tuple(sorted(annotations)),
+        structures,
+    )
+
+
 def find_mask(masks: Path | None, series_uid: str) -> Path | None:
     """The NIfTI label map ``<SeriesInstanceUID>.nii[.gz]`` of a series, if any."""
     if masks is None:

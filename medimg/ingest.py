@@ -40,11 +40,10 @@ from medimg.conversion import (
     IngestPaths,
     Job,
     StackResult,
+    annotated_job,
     annotation_files,
-    find_mask,
     ingest_stack,
     match_annotations,
-    structure_masks,
 )
 from medimg.conversion import pseudonymizer as _pseudonymizer
 from medimg.data import manifest as manifest_io
@@ -208,16 +207,7 @@ def plan_ingest(
     for n, stack in enumerate(stacks):
         first = stack.first
         key = stack_key(pseudo, stack)
-        job = Job(
-            key,
-            stack,
-            "",
-            {},
-            find_mask(paths.masks, stack.series_uid),
-            structure_masks(paths.masks, stack.series_uid, structures),
-            tuple(sorted(matched.get(n, []))),
-            structures,
-        )
+        job = annotated_job(key, stack, paths.masks, matched.get(n, []), structures)
         fingerprint = _fingerprint(job, cfg, pseudo)
         old = _read_record(paths.records / f"{key}.json")
         if (
@@ -225,9 +215,8 @@ def plan_ingest(
             and old.get("fingerprint") == fingerprint
             and (paths.out / str(old.get("volume", "-"))).is_file()
         ):
-            plan.reused.append(old)
-            for path, reason, detail in old.get("annotation_rejections") or []:
-                plan.rejected.append(Rejection(Path(path), reason, detail, key=key))
+            plan.reused.append(old)  # with the annotations it set aside then
+            plan.rejected += [Rejection(Path(p), *r, key=key) for p, *r in old.get(_SET_ASIDE, [])]
             continue
         meta = {
             "patient": pseudo.key("patient", first.patient_id),
@@ -250,6 +239,9 @@ def plan_ingest(
         len({r.path for r in plan.rejected}),
     )
     return plan
+
+
+_SET_ASIDE = "annotation_rejections"  # a record's annotations that did not fit its grid
 
 
 def _check_strictness(cfg: IngestParams, rejected: Iterable[Rejection], root: Path) -> None:
