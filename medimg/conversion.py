@@ -132,11 +132,11 @@ def ingest_stack(job: Job, cfg: IngestParams, paths: IngestPaths, threads: int =
     mask_rel = None
     lesion_voxels = None
     unmatched: dict[str, int] = {}
-    rejected: list[Rejection] = []
+    set_aside: list[Rejection] = []  # annotations that do not fit the grid
     if job.annotated:
         rel = f"masks/{job.key}{ext}"
         lesion_voxels = write_label_map(
-            job, paths.out / rel, shape, affine, cfg, unmatched, rejected
+            job, paths.out / rel, shape, affine, cfg, unmatched, set_aside
         )
         if lesion_voxels is None:
             flags.append("mask_mismatch")
@@ -162,10 +162,10 @@ def ingest_stack(job: Job, cfg: IngestParams, paths: IngestPaths, threads: int =
         "content_hash": volume_hash,
         "fingerprint": job.fingerprint,
         "unmatched_structures": dict(sorted(unmatched.items())),
-        "annotation_rejections": [[str(r.path), r.reason, r.detail] for r in rejected],
+        "annotation_rejections": [[str(r.path), r.reason, r.detail] for r in set_aside],
     }
     atomic_write_text(paths.records / f"{job.key}.json", json.dumps(record, sort_keys=True))
-    return StackResult(record=record, rejected=rejected)
+    return StackResult(record=record, rejected=set_aside)
 
 
 def annotated_job(

@@ -216,7 +216,9 @@ def plan_ingest(
             and (paths.out / str(old.get("volume", "-"))).is_file()
         ):
             plan.reused.append(old)  # with the annotations it set aside then
-            plan.rejected += [Rejection(Path(p), *r, key=key) for p, *r in old.get(_SET_ASIDE, [])]
+            plan.rejected += [
+                Rejection(Path(p), r, d, key=key) for p, r, d in old.get(_SET_ASIDE, [])
+            ]
             continue
         meta = {
             "patient": pseudo.key("patient", first.patient_id),

@@ -182,7 +182,7 @@ def rasterise(
         ds = _read_full(path, kind)
     else:
         ds, kind = source, annotation_of(source).kind
-    grid = np.linalg.inv(LPS_TO_RAS @ affine)  # LPS mm -> voxel (i, j, k)
+    grid = np.asarray(np.linalg.inv(LPS_TO_RAS @ affine), dtype=np.float64)  # LPS -> (i, j, k)
     out = np.zeros(shape, dtype=np.uint8)
     unmatched: list[str] = []
     try:

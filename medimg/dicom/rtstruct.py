@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from medimg.config import StructureParams
 from medimg.dicom.annotations import RTSTRUCT_SOP_CLASS
@@ -75,7 +75,7 @@ def _header(sources: Sequence[Dataset], seed: list[str], series_number: int, lab
     now = datetime.datetime.now()
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = RTSTRUCT_SOP_CLASS
+    ds.file_meta.MediaStorageSOPClassUID = UID(RTSTRUCT_SOP_CLASS)
     ds.SOPInstanceUID = generate_uid(entropy_srcs=[*seed, "instance"])
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -125,7 +125,7 @@ def _contours(
     mask: npt.NDArray[np.bool_], lps: npt.NDArray[np.float64], planes: list[tuple[Dataset, int]]
 ) -> list[Dataset]:
     """CLOSED_PLANAR contours of ``mask`` on each (source image, slice index) plane."""
-    out = []
+    out: list[Dataset] = []
     for src, k in planes:
         for outline in plane_outlines(mask[:, :, k]):
             ijk = np.column_stack([outline, np.full(len(outline), float(k)), np.ones(len(outline))])

@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -173,7 +174,7 @@ def _segment_pixels(
     return np.stack([frames == s.label for s in segments], axis=-1).astype(np.uint8)
 
 
-def _coded(code: CodeParams):  # -> hd.sr.CodedConcept (highdicom imported lazily)
+def _coded(code: CodeParams) -> Any:  # hd.sr.CodedConcept (highdicom imported lazily)
     import highdicom as hd
 
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
