@@ -310,6 +310,10 @@ def write_label_map(
     k = len(job.structures)
     sources = ([(job.mask, None)] if job.mask else []) + list(job.structure_masks)
     for path, label in sources:
+        if label == 0:  # <SeriesInstanceUID>_<name>.nii.gz of no configured structure
+            name = path.name.split("_", 1)[-1].removesuffix(".gz").removesuffix(".nii")
+            unmatched[name] = unmatched.get(name, 0) + 1
+            continue
         part = _nifti_labels(path, shape, affine, k if label is None else 1)
         if part is None:
             return None
