@@ -10,12 +10,18 @@ Three steps, so that an orchestrator can map the middle one over series:
 3. :func:`finalize_ingest` joins labels, writes ``manifest.parquet``, ``qc.json``,
    ``qc.html`` and ``quarantine.csv``, and removes outputs of series no longer present.
 
+Annotations: DICOM SEG and RTSTRUCT objects found in the input folder or in the masks
+folder are matched to their stack (:func:`match_annotations`) by the source images they
+reference (else the series) and the frame of reference, and become its label map beside
+NIfTI masks named by SeriesInstanceUID; one that matches no stack is quarantined.
+
 Only ``quarantine.csv`` names source files (the user must fix them); nothing else carries
 a path, name, ID, date or UID of the source.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,13 +33,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medimg.config import IngestParams
+from medimg.config import LESION, IngestParams, StructureParams
 
 # one stack's conversion lives in medimg.conversion; its names stay importable from here
-from medimg.conversion import IngestPaths, Job, StackResult, ingest_stack
+from medimg.conversion import (
+    IngestPaths,
+    Job,
+    StackResult,
+    annotated_job,
+    annotation_files,
+    ingest_stack,
+    match_annotations,
+)
 from medimg.conversion import pseudonymizer as _pseudonymizer
 from medimg.data import manifest as manifest_io
-from medimg.data.labels import read_labels
+from medimg.data.labels import class_counts, read_labels
 from medimg.dicom.deid import Pseudonymizer
 from medimg.dicom.dimensions import FAMILIES, family_of, keep_first
 from medimg.dicom.discover import Discovery, Instance, Rejection, discover
@@ -65,14 +79,22 @@ def _label_value(inst: Instance, label_key: str) -> str:
         "PatientID": inst.patient_id,
         "StudyInstanceUID": inst.study_uid,
         "AccessionNumber": inst.accession,
+        "SeriesInstanceUID": inst.series_uid,
     }[label_key]
 
 
-def _fingerprint(stack: Stack, mask: Path | None, cfg: IngestParams, pseudo: Pseudonymizer) -> str:
+def _stat(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return (path.name, st.st_size, st.st_mtime_ns)
+
+
+def _fingerprint(job: Job, cfg: IngestParams, pseudo: Pseudonymizer) -> str:
     files = sorted(
-        {(s.instance.sop_uid, s.instance.size, s.instance.mtime_ns) for s in stack.slices}
+        {(s.instance.sop_uid, s.instance.size, s.instance.mtime_ns) for s in job.stack.slices}
     )
-    mask_stat = (mask.stat().st_size, mask.stat().st_mtime_ns) if mask else None
+    mask_stat = _stat(job.mask)[1:] if job.mask else None
+    annotations = [_stat(p) for p, _ in job.structure_masks] + [_stat(p) for p in job.annotations]
+    structures = [[s.name, *s.synonyms] for s in job.structures]
     settings = cfg.model_dump(
         mode="json",
         include={
@@ -86,18 +108,10 @@ def _fingerprint(stack: Stack, mask: Path | None, cfg: IngestParams, pseudo: Pse
             "compression_level",
         },
     )
-    blob = json.dumps([INGEST_VERSION, files, mask_stat, settings], sort_keys=True)
-    return pseudo.key("fingerprint", blob, n=32)
-
-
-def _find_mask(masks: Path | None, series_uid: str) -> Path | None:
-    if masks is None:
-        return None
-    for suffix in (".nii.gz", ".nii"):
-        candidate = masks / f"{series_uid}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
+    blob = [INGEST_VERSION, files, mask_stat, settings]
+    if job.structure_masks or job.annotations or len(structures) > 1:
+        blob += [sorted(annotations), structures]  # one-lesion NIfTI jobs keep their prints
+    return pseudo.key("fingerprint", json.dumps(blob, sort_keys=True), n=32)
 
 
 def stack_key(pseudo: Pseudonymizer, stack: Stack) -> str:
@@ -150,8 +164,11 @@ def _read_record(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def plan_ingest(cfg: IngestParams, paths: IngestPaths) -> Plan:
-    """Discover, assemble and check stacks; keep the records of unchanged ones.
+def plan_ingest(
+    cfg: IngestParams, paths: IngestPaths, structures: tuple[StructureParams, ...] = (LESION,)
+) -> Plan:
+    """Discover, assemble and check stacks, match annotations to them; keep the records
+    of unchanged ones. ``structures`` (``Params.structures``) name the label values.
 
     Raises:
         DicomError: with ``on_invalid: raise``, for the first damaged file.
@@ -186,18 +203,23 @@ def plan_ingest(cfg: IngestParams, paths: IngestPaths) -> Plan:
     stacks, dropped = select_stacks(stacks, cfg)
     for stack in dropped:
         plan.rejected.extend(_not_kept(stack, stack_key(pseudo, stack), cfg))
-    for stack in stacks:
+    matched, unmatched = match_annotations(annotation_files(found, paths.masks), stacks)
+    plan.rejected.extend(unmatched)
+    for n, stack in enumerate(stacks):
         first = stack.first
         key = stack_key(pseudo, stack)
-        mask = _find_mask(paths.masks, stack.series_uid)
-        fingerprint = _fingerprint(stack, mask, cfg, pseudo)
+        job = annotated_job(key, stack, paths.masks, matched.get(n, []), structures)
+        fingerprint = _fingerprint(job, cfg, pseudo)
         old = _read_record(paths.records / f"{key}.json")
         if (
             old is not None
             and old.get("fingerprint") == fingerprint
             and (paths.out / str(old.get("volume", "-"))).is_file()
         ):
-            plan.reused.append(old)
+            plan.reused.append(old)  # with the annotations it set aside then
+            plan.rejected += [
+                Rejection(Path(p), r, d, key=key) for p, r, d in old.get(_SET_ASIDE, [])
+            ]
             continue
         meta = {
             "patient": pseudo.key("patient", first.patient_id),
@@ -212,7 +234,7 @@ def plan_ingest(cfg: IngestParams, paths: IngestPaths) -> Plan:
             "split_by": ", ".join(a for a, _ in stack.split_by) or None,
             "split_value": ", ".join(v for _, v in stack.split_by) or None,
         }
-        plan.jobs.append(Job(key, stack, fingerprint, meta, mask))
+        plan.jobs.append(dataclasses.replace(job, fingerprint=fingerprint, meta=meta))
     log.info(
         "ingest plan: %d stacks to process, %d unchanged, %d files set aside",
         len(plan.jobs),
@@ -220,6 +242,9 @@ def plan_ingest(cfg: IngestParams, paths: IngestPaths) -> Plan:
         len({r.path for r in plan.rejected}),
     )
     return plan
+
+
+_SET_ASIDE = "annotation_rejections"  # a record's annotations that did not fit its grid
 
 
 def _check_strictness(cfg: IngestParams, rejected: Iterable[Rejection], root: Path) -> None:
@@ -281,9 +306,10 @@ def finalize_ingest(
         "n_quarantined_files": len(quarantine),
         "n_labelled": sum(r["label"] is not None for r in records),
         "classes": list(classes) if classes else None,
-        "n_by_class": _class_counts(records, classes),
+        "n_by_class": class_counts(records, classes),
         "flags": dict(sorted(Counter(f for r in records for f in r["flags"]).items())),
         "quarantine_reasons": dict(sorted(Counter(q["reason"] for q in quarantine).items())),
+        "unmatched_structures": _unmatched_structures(records),
     }
     # qc.json and qc.html describe the data; what this run redid or reused is in the
     # returned summary and the log only, so an interrupted and resumed ingest writes the
@@ -302,12 +328,20 @@ def finalize_ingest(
     return summary
 
 
-def _class_counts(records: list[dict[str, Any]], classes: tuple[str, ...] | None) -> Any:
-    """Labelled volumes per class name (every class, zero counts included)."""
-    if not classes:
-        return None
-    counts = Counter(r["label"] for r in records if r["label"] is not None)
-    return {name: counts.get(i, 0) for i, name in enumerate(classes)}
+def _unmatched_structures(records: list[dict[str, Any]]) -> dict[str, int]:
+    """Annotation names that match no configured structure: name -> series with it; one
+    warning per name."""
+    counts: Counter[str] = Counter()
+    for rec in records:
+        counts.update(rec.get("unmatched_structures") or {})
+    for name, n in sorted(counts.items()):
+        log.warning(
+            "annotation structure %r in %d series matches no structure: left out of the "
+            "masks (add it to a structure's synonyms in params.yaml to keep it)",
+            name,
+            n,
+        )
+    return dict(sorted(counts.items()))
 
 
 def _remove_stale(paths: IngestPaths, keep: set[str], export: bool) -> None:
@@ -329,10 +363,14 @@ def _remove_stale(paths: IngestPaths, keep: set[str], export: bool) -> None:
 
 
 def ingest(
-    cfg: IngestParams, paths: IngestPaths, progress: Progress | None = None
+    cfg: IngestParams,
+    paths: IngestPaths,
+    progress: Progress | None = None,
+    structures: tuple[StructureParams, ...] = (LESION,),
 ) -> dict[str, Any]:
-    """Run the whole stage in this process: series in threads, the cores shared out."""
-    plan = plan_ingest(cfg, paths)
+    """Run the whole stage in this process: series in threads, the cores shared out.
+    ``structures`` (``Params.structures``) name the label values of the masks."""
+    plan = plan_ingest(cfg, paths, structures)
     total = len(plan.jobs)
     n = min(workers(cfg), max(total, 1))
     threads = max(1, workers(cfg) // n)  # cores left over read and compress each volume

@@ -53,16 +53,19 @@ def ingest_paths(params: Params, root: Path = Path(".")) -> IngestPaths:
         out=project_path(root, d.interim),
         labels=project_path(root, d.labels),
         masks=project_path(root, d.masks),
+        classes=params.train.classify.classes,
     )
 
 
 def ingest(
     params: Params, root: Path = Path("."), progress: Progress | None = None
 ) -> dict[str, Any]:
-    """DICOM folder to de-identified volumes, masks, manifest, QC report and quarantine."""
+    """DICOM folder to de-identified volumes, masks, manifest, QC report and quarantine;
+    the masks are label maps of ``params.structures`` (NIfTI, DICOM SEG or RTSTRUCT in)."""
     from medimg.ingest import ingest as run
 
-    return run(ingest_params(params, root), ingest_paths(params, root), progress)
+    cfg, paths = ingest_params(params, root), ingest_paths(params, root)
+    return run(cfg, paths, progress, structures=params.structures)
 
 
 def ingest_params(params: Params, root: Path = Path(".")) -> IngestParams:

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from medimg import stages
-from medimg.config import IngestParams, Params, load_params
+from medimg.config import IngestParams, Params, StructureParams, load_params
 from medimg.ingest import (
     IngestPaths,
     Job,
@@ -29,8 +29,10 @@ from pipelines.tasks import io_task
 
 
 @io_task("plan-ingest")
-def plan_task(cfg: IngestParams, paths: IngestPaths) -> Plan:
-    return plan_ingest(cfg, paths)
+def plan_task(
+    cfg: IngestParams, paths: IngestPaths, structures: tuple[StructureParams, ...]
+) -> Plan:
+    return plan_ingest(cfg, paths, structures)
 
 
 @io_task("ingest-series", task_run_name="ingest-{job.key}")
@@ -97,7 +99,7 @@ def ingest_flow(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     logger = get_run_logger()
     cfg = stages.ingest_params(params, root)
     paths = stages.ingest_paths(params, root)
-    plan = plan_task(cfg, paths)
+    plan = plan_task(cfg, paths, params.structures)
     logger.info("%d stacks to ingest, %d unchanged", len(plan.jobs), len(plan.reused))
     futures = series_task.map(plan.jobs, cfg=unmapped(cfg), paths=unmapped(paths))
     results = [f.result() for f in futures]

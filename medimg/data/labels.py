@@ -10,9 +10,11 @@ case: classes ``("0", "1")``.
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from medimg.errors import DataError
 
@@ -109,3 +111,12 @@ def read_labels(
             )
         values[key] = index
     return Labels(values, names)
+
+
+def class_counts(records: Sequence[dict[str, Any]], classes: tuple[str, ...] | None) -> Any:
+    """Labelled volumes per class name (every class, zero counts included); None without
+    classes."""
+    if not classes:
+        return None
+    counts = Counter(r["label"] for r in records if r["label"] is not None)
+    return {name: counts.get(i, 0) for i, name in enumerate(classes)}

@@ -1,9 +1,10 @@
 """Find DICOM image instances in a folder of any layout, reading headers only.
 
-Every file under the root is either an image :class:`Instance` (one per frame group; a
-multi-frame file carries one :class:`Frame` per frame) or a :class:`Rejection` with a
-typed reason. Non-DICOM files, DICOMDIRs (never followed as paths) and non-image objects
-(SR, RTSTRUCT, presentation states, ...) are set aside, not errors.
+Every file under the root is an image :class:`Instance` (one per frame group; a
+multi-frame file carries one :class:`Frame` per frame), an annotation (:class:`
+AnnotationFile`: a DICOM SEG or RTSTRUCT, for ingest to match to its series) or a
+:class:`Rejection` with a typed reason. Non-DICOM files, DICOMDIRs (never followed as
+paths) and other non-image objects (SR, presentation states, ...) are set aside.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from medimg.dicom.annotations import annotation_kind
 from medimg.dicom.dimensions import Dims, frame_dims, single_frame_dims
 from medimg.dicom.read import dcmread
 
@@ -54,6 +56,14 @@ class Rejection:
 
 
 @dataclass(frozen=True)
+class AnnotationFile:
+    """A DICOM SEG or RTSTRUCT object found among the files (read in full only later)."""
+
+    path: Path
+    kind: str  # "seg" or "rtstruct"
+
+
+@dataclass(frozen=True)
 class Frame:
     """Geometry and scaling of one 2D image (a single-frame file or one frame)."""
 
@@ -77,6 +87,7 @@ class Instance:
     sop_uid: str
     series_uid: str
     study_uid: str
+    frame_of_reference: str  # FrameOfReferenceUID: an annotation must share it
     patient_id: str
     accession: str
     modality: str
@@ -226,29 +237,21 @@ def _frames(ds: Dataset, multiframe: bool) -> tuple[Frame, ...]:
     frames = []
     for i in range(n):
         groups = [per_frame[i] if i < len(per_frame) else None, shared]
+        value = functools.partial(_group_value, groups)
+        rescale = "PixelValueTransformationSequence"
         frames.append(
             Frame(
                 position=_valid_position(  # type: ignore[arg-type]
-                    _floats(
-                        _group_value(groups, "PlanePositionSequence", "ImagePositionPatient"), 3
-                    )
+                    _floats(value("PlanePositionSequence", "ImagePositionPatient"), 3)
                 ),
                 orientation=_valid_orientation(
-                    _floats(
-                        _group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient"),
-                        6,
-                    )
+                    _floats(value("PlaneOrientationSequence", "ImageOrientationPatient"), 6)
                 ),
                 spacing=_valid_spacing(  # type: ignore[arg-type]
-                    _floats(_group_value(groups, "PixelMeasuresSequence", "PixelSpacing"), 2)
+                    _floats(value("PixelMeasuresSequence", "PixelSpacing"), 2)
                 ),
-                slope=scale(
-                    _group_value(groups, "PixelValueTransformationSequence", "RescaleSlope"), 1.0
-                ),
-                intercept=scale(
-                    _group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept"),
-                    0.0,
-                ),
+                slope=scale(value(rescale, "RescaleSlope"), 1.0),
+                intercept=scale(value(rescale, "RescaleIntercept"), 0.0),
                 index=i,
                 dims=_dims(functools.partial(frame_dims, ds, groups)),
             )
@@ -271,7 +274,7 @@ def _is_dicomdir(ds: Dataset) -> bool:
     return sop == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds
 
 
-def read_header(path: Path) -> Instance | Rejection:
+def read_header(path: Path) -> Instance | AnnotationFile | Rejection:
     """Read one file's header (no pixels) and classify it."""
     if path.is_symlink():
         return Rejection(path, "symlink", "symbolic link (not followed)")
@@ -294,7 +297,7 @@ def read_header(path: Path) -> Instance | Rejection:
 
 def _classify(
     path: Path, stat: os.stat_result, ds: Dataset, header_end: int = -1
-) -> Instance | Rejection:
+) -> Instance | AnnotationFile | Rejection:
     h = _Header(ds)
     if _is_dicomdir(ds):
         return Rejection(
@@ -303,6 +306,8 @@ def _classify(
     sop_class = str(
         h.get("SOPClassUID", "") or getattr(ds.file_meta, "MediaStorageSOPClassUID", "")
     )
+    if kind := annotation_kind(sop_class, str(h.get("Modality", "") or "")):
+        return AnnotationFile(path, kind)
     if sop_class not in IMAGE_SOP_CLASSES:
         name = UID(sop_class).name if sop_class else "no SOPClassUID"
         return Rejection(path, "non_image", f"not a CT or MR image: {name}")
@@ -331,6 +336,7 @@ def _classify(
         sop_uid=str(h.get("SOPInstanceUID")),
         series_uid=str(h.get("SeriesInstanceUID")),
         study_uid=str(h.get("StudyInstanceUID", "")),
+        frame_of_reference=str(h.get("FrameOfReferenceUID", "") or ""),
         patient_id=str(ds.get("PatientID", "")),
         accession=str(ds.get("AccessionNumber", "")),
         modality=str(h.get("Modality", "")),
@@ -366,6 +372,7 @@ class Discovery:
     instances: list[Instance] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     n_files: int = 0
+    annotations: list[AnnotationFile] = field(default_factory=list)
 
 
 def discover(root: Path, workers: int = 1) -> Discovery:
@@ -383,12 +390,10 @@ def discover(root: Path, workers: int = 1) -> Discovery:
     for r in results:
         if isinstance(r, Rejection):
             found.rejected.append(r)
+        elif isinstance(r, AnnotationFile):
+            found.annotations.append(r)
         else:
             found.instances.append(r)
-    log.info(
-        "discovered %d files: %d image instances, %d set aside",
-        found.n_files,
-        len(found.instances),
-        len(found.rejected),
-    )
+    n = (found.n_files, len(found.instances), len(found.annotations), len(found.rejected))
+    log.info("discovered %d files: %d image instances, %d annotations, %d set aside", *n)
     return found

@@ -1,4 +1,7 @@
-"""DICOM Segmentation objects (highdicom) from a mask on a series' volume grid.
+"""DICOM Segmentation objects (highdicom) from a label map on a series' volume grid.
+
+One segment per structure (:class:`Segment`: its label value in the map, its name and its
+SNOMED CT codes); a plain binary mask is the one-segment case (the default, a lesion).
 
 The mask comes on the grid of the ingested volume: indexed (i, j, k) = (column, row,
 slice) with a RAS affine (see :mod:`medimg.volume`). Each source image is matched to its
@@ -22,12 +25,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
 
+from medimg.config import LESION, CodeParams, StructureParams
 from medimg.dicom.geometry import LPS_TO_RAS, direction_cosines
 from medimg.dicom.read import dcmread
 from medimg.errors import DicomError
@@ -40,8 +45,27 @@ ORIENTATION_TOLERANCE = 1e-3  # max difference of direction cosines
 
 
 @dataclass(frozen=True)
+class Segment:
+    """One structure of a label map, as a SEG segment describes it."""
+
+    label: int  # its value in the label map, 1..K
+    name: str  # SegmentLabel
+    category: CodeParams  # SegmentedPropertyCategoryCode
+    type: CodeParams  # SegmentedPropertyTypeCode
+
+
+def segments_from(structures: Sequence[StructureParams]) -> tuple[Segment, ...]:
+    """The segments of ``Params.structures``: structure i (0-based) has label i + 1."""
+    return tuple(Segment(i, s.name, s.category, s.type) for i, s in enumerate(structures, start=1))
+
+
+@dataclass(frozen=True)
 class SegInfo:
-    """What the SEG says about where it came from (no patient data)."""
+    """What the SEG says about where it came from (no patient data), and its segments.
+
+    With no ``segments``, the SEG holds one lesion segment named ``segment_label`` of every
+    non-zero voxel (a binary mask, as for a one-structure model).
+    """
 
     series_description: str  # e.g. "medimg lesion (medimg-segmenter v3)"
     algorithm_name: str  # the registered model's name
@@ -50,6 +74,13 @@ class SegInfo:
     segment_label: str = "Lesion"
     manufacturer: str = "medimg"
     software_version: str = "0"
+    segments: tuple[Segment, ...] = ()  # one per structure, in label-map order
+
+    def resolved_segments(self) -> tuple[Segment, ...]:
+        """The segments to write: ``segments``, or the one lesion segment."""
+        if self.segments:
+            return self.segments
+        return (Segment(1, self.segment_label, LESION.category, LESION.type),)
 
 
 def _frame_positions(ds: Dataset) -> list[npt.NDArray[np.float64]]:
@@ -113,16 +144,40 @@ def source_frames(
     mask: npt.NDArray[np.integer], affine: npt.NDArray[np.float64], sources: Sequence[Dataset]
 ) -> npt.NDArray[np.uint8]:
     """The mask cut into the source images' frames: (frames, rows, columns), the frames
-    of ``sources`` in order (every frame of a multi-frame source).
+    of ``sources`` in order (every frame of a multi-frame source), 1 where non-zero.
 
     Raises:
         DicomError: see :func:`slice_indices`.
     """
+    return (label_frames(mask, affine, sources) > 0).astype(np.uint8)
+
+
+def label_frames(
+    labels: npt.NDArray[np.integer], affine: npt.NDArray[np.float64], sources: Sequence[Dataset]
+) -> npt.NDArray[np.integer]:
+    """The label map cut into the source images' frames, values kept: (frames, rows,
+    columns), as :func:`source_frames`."""
     frames = []
     for ds in sources:
-        for k in slice_indices(affine, mask.shape, ds):
-            frames.append(np.asarray(mask[:, :, k]).T)  # (columns, rows) -> (rows, columns)
-    return (np.stack(frames) > 0).astype(np.uint8)
+        for k in slice_indices(affine, labels.shape, ds):
+            frames.append(np.asarray(labels[:, :, k]).T)  # (columns, rows) -> (rows, columns)
+    return np.stack(frames)
+
+
+def _segment_pixels(
+    frames: npt.NDArray[np.integer], segments: Sequence[Segment], binary: bool
+) -> npt.NDArray[np.uint8]:
+    """(frames, rows, columns, segments): 1 where a frame holds the segment's label (any
+    non-zero value for a binary mask)."""
+    if binary:
+        return (frames > 0).astype(np.uint8)[..., None]
+    return np.stack([frames == s.label for s in segments], axis=-1).astype(np.uint8)
+
+
+def _coded(code: CodeParams) -> Any:  # hd.sr.CodedConcept (highdicom imported lazily)
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
 
 def read_sources(paths: Sequence[Path]) -> list[Dataset]:
@@ -152,7 +207,11 @@ def build_seg(
     sources: Sequence[Dataset],
     info: SegInfo,
 ) -> Dataset:
-    """A binary DICOM SEG of ``mask`` over ``sources``; highdicom validates it as it builds.
+    """A binary DICOM SEG of ``mask`` over ``sources``, one segment per structure of
+    ``info`` (:meth:`SegInfo.resolved_segments`); highdicom validates it as it builds.
+
+    ``mask`` is a label map on the volume grid (values 0..K, each a segment's ``label``),
+    or a binary mask when ``info`` names no segments.
 
     The SEG's own UIDs are derived from the source series, the algorithm and its version,
     so predicting again with the same model gives the same SeriesInstanceUID and
@@ -165,7 +224,8 @@ def build_seg(
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    pixels = source_frames(mask, affine, sources)
+    segments = info.resolved_segments()
+    pixels = _segment_pixels(label_frames(mask, affine, sources), segments, not info.segments)
     series_uid = str(sources[0].SeriesInstanceUID)
     seed = [series_uid, info.algorithm_name, info.algorithm_version]
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -173,14 +233,17 @@ def build_seg(
         version=info.algorithm_version[:64],
         family=codes.cid7162.ArtificialIntelligence,
     )
-    segment = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label=info.segment_label,
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Lesion,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm,
-    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=n,
+            segment_label=segment.name[:64],
+            segmented_property_category=_coded(segment.category),
+            segmented_property_type=_coded(segment.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for n, segment in enumerate(segments, start=1)
+    ]
     with warnings.catch_warnings():
         try:
             # pseudonyms are one-component person names, which highdicom warns about
@@ -189,7 +252,7 @@ def build_seg(
                 source_images=list(sources),
                 pixel_array=pixels,
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-                segment_descriptions=[segment],
+                segment_descriptions=descriptions,
                 series_instance_uid=generate_uid(entropy_srcs=[*seed, "series"]),
                 series_number=info.series_number,
                 sop_instance_uid=generate_uid(entropy_srcs=[*seed, "instance"]),

@@ -1,7 +1,9 @@
-"""DICOM SEG from a mask on a volume grid: frames matched to source images by position."""
+"""DICOM SEG from a label map on a volume grid: frames matched to source images by
+position, one segment per structure; read back with highdicom and rasterised."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -10,10 +12,21 @@ import pydicom
 import pytest
 from pydicom import examples
 
+from medimg.config import LESION, CodeParams, StructureParams
+from medimg.dicom.annotations import rasterise, read_annotation, structure_labels
 from medimg.dicom.geometry import lps_affine, ras_affine
-from medimg.dicom.seg import SegInfo, read_sources, slice_indices, source_frames, write_seg
+from medimg.dicom.seg import (
+    SegInfo,
+    Segment,
+    label_frames,
+    read_sources,
+    segments_from,
+    slice_indices,
+    source_frames,
+    write_seg,
+)
 from medimg.errors import DicomError
-from tests.helpers import make_series
+from tests.helpers import make_series, write_cohort
 
 INFO = SegInfo("medimg lesion (test v1)", "medimg-test", "1")
 
@@ -107,3 +120,109 @@ def test_unreadable_source_names_the_file(tmp_path: Path) -> None:
     bad.write_bytes(b"not dicom")
     with pytest.raises(DicomError, match="IM1: cannot read as DICOM"):
         read_sources([bad])
+
+
+# --- several segments, over the generator's series ----------------------------------------
+
+ANATOMY = CodeParams(value="91723000", meaning="Anatomical Structure")
+BODY = CodeParams(value="123037004", meaning="Body structure")
+LIVER = CodeParams(value="10200004", meaning="Liver")
+STRUCTURES = (
+    StructureParams(name="body", category=ANATOMY, type=BODY),
+    StructureParams(name="liver", category=ANATOMY, type=LIVER),
+    LESION,
+)
+
+
+def three_structures(shape: tuple[int, ...]) -> np.ndarray:
+    """Labels 1..3 on a grid: a ring with a hole and an island, two blobs on two slices
+    only, and a lesion laid over both (a label map: the later structure wins)."""
+    n0, n1, n2 = shape
+    lm = np.zeros(shape, dtype=np.uint8)
+    lm[n0 // 12 : -n0 // 12, n1 // 12 : -n1 // 12, 2:-3] = 1
+    lm[n0 // 4 : -n0 // 4, n1 // 4 : -n1 // 4, 2:-3] = 0  # a hole
+    lm[3 * n0 // 8 : -3 * n0 // 8, 3 * n1 // 8 : -3 * n1 // 8, n2 // 4] = 1  # an island in it
+    lm[n0 // 8 : n0 // 4, n1 // 8 : n1 // 2, n2 // 2 : n2 // 2 + 2] = 2  # on two slices
+    lm[5 * n0 // 8 : 7 * n0 // 8, n1 // 2 : 3 * n1 // 4, n2 // 2] = 2  # a second blob
+    lm[n0 // 2 - 3 : n0 // 2 + 3, n1 // 5 : n1 // 5 + 5, n2 // 2 - 1 : n2 // 2 + 2] = 3
+    return lm
+
+
+@pytest.fixture(scope="module")
+def generated(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> list[tuple[str, list, tuple, np.ndarray]]:
+    """Every series of the tiny generated cohort (every plane, ascending and descending):
+    (its plane and direction, its source images, its volume shape and RAS affine)."""
+    import csv
+
+    from medimg.dicom.discover import discover
+    from medimg.dicom.series import GeometryTolerance, assemble
+
+    cohort = write_cohort(tmp_path_factory.mktemp("seg_cohort"))
+    with cohort.truth.open() as f:
+        planes = {
+            r["series_uid"]: f"{r['orientation']}-{r['descending']}" for r in csv.DictReader(f)
+        }
+    stacks, _ = assemble(discover(cohort.raw).instances, GeometryTolerance())
+    out = []
+    for stack in stacks:
+        sources = read_sources([s.path for s in stack.slices])
+        shape = (int(sources[0].Columns), int(sources[0].Rows), len(stack.slices))
+        out.append((planes[stack.series_uid], sources, shape, ras_affine(stack.lps_affine())))
+    return out
+
+
+def test_generated_series_cover_every_plane_both_ways(generated) -> None:
+    assert {p for p, *_ in generated} == {
+        f"{o}-{d}" for o in ("axial", "coronal", "sagittal", "oblique") for d in "01"
+    }
+
+
+def test_three_segments_round_trip_on_every_plane(generated, tmp_path: Path) -> None:
+    import highdicom as hd
+
+    info = dataclasses.replace(INFO, segments=segments_from(STRUCTURES))
+    for plane, sources, shape, affine in generated:
+        labels = three_structures(shape)
+        path = tmp_path / f"{plane}.dcm"
+        write_seg(labels, affine, sources, info, path)
+        seg = hd.seg.segread(path)
+        got = [
+            (int(s.SegmentNumber), s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue)
+            for s in seg.SegmentSequence
+        ]
+        assert got == [
+            (1, "body", "123037004"),
+            (2, "liver", "10200004"),
+            (3, "lesion", "52988006"),
+        ]
+        category = {
+            s.SegmentedPropertyCategoryCodeSequence[0].CodeValue for s in seg.SegmentSequence
+        }
+        assert category == {"91723000", "49755003"}
+        uids = [str(ds.SOPInstanceUID) for ds in sources]
+        pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=[1, 2, 3])
+        frames = label_frames(labels, affine, sources)
+        for n in (1, 2, 3):
+            assert np.array_equal(pixels[..., n - 1], frames == n), (plane, n)
+        # and back onto the volume grid, placed by the frames' positions
+        back, unmatched = rasterise(
+            read_annotation(path), shape, affine, structure_labels(STRUCTURES)
+        )
+        assert unmatched == ()
+        assert np.array_equal(back, labels), plane
+
+
+def test_default_seg_is_one_lesion_segment_of_every_non_zero_voxel(series, tmp_path) -> None:
+    import highdicom as hd
+
+    sources, affine, mask = series
+    write_seg(mask * 7, affine, sources, INFO, tmp_path / "seg.dcm")
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Lesion"]
+    assert segments_from((LESION,)) == (Segment(1, "lesion", LESION.category, LESION.type),)
+    back, _ = rasterise(
+        read_annotation(tmp_path / "seg.dcm"), mask.shape, affine, {"Lesion": 1}.get
+    )
+    assert np.array_equal(back, mask)
