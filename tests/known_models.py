@@ -86,9 +86,43 @@ class BandClassifier(Identity3d):
         return (40.0 * inside.float() - 20.0)[:, None]
 
 
-def known_model(task: str, cfg: Any) -> nn.Module:
-    """Stands in for ``medimg.models.build.build_model`` when MLflow loads the model."""
-    return BandClassifier() if task == "classify" else BandSegmenter()
+class BandStructures(Identity3d):
+    """Two structures: ``body`` (any tissue above the CT window's floor) and ``lesion``
+    (the band, which wins): background, body and lesion logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("band", torch.tensor(BAND))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, R, A, S) -> (B, 3, ...)
+        x = self.conv(x)
+        inside = ((x > self.band[0]) & (x < self.band[1])).float()
+        body = (x > 0.05).float()
+        return torch.cat([torch.zeros_like(x), 40.0 * body - 20.0, 80.0 * inside - 20.0], dim=1)
+
+
+class BandGrades(Identity3d):
+    """Three classes by the share of band voxels: none (0), small (< 0.4 %), large."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("band", torch.tensor(BAND))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, R, A, S) -> (B, 3)
+        x = self.conv(x)
+        share = ((x > self.band[0]) & (x < self.band[1])).flatten(1).float().mean(dim=1)
+        any_ = (share > 0).float()
+        large = (share > 0.004).float()
+        return torch.stack([20.0 * (1 - any_), 20.0 * any_ * (1 - large), 20.0 * large], dim=1)
+
+
+def known_model(task: str, cfg: Any, outputs: int | None = None) -> nn.Module:
+    """Stands in for ``medimg.models.build.build_model`` when MLflow loads the model: the
+    band models, with three outputs (classes) or three channels (two structures)."""
+    several = outputs is not None and outputs > (1 if task == "classify" else 2)
+    if task == "classify":
+        return BandGrades() if several else BandClassifier()
+    return BandStructures() if several else BandSegmenter()
 
 
 def register_known(params: Params, task: str, root: Path, threshold: float = 0.5) -> str:
@@ -99,7 +133,10 @@ def register_known(params: Params, task: str, root: Path, threshold: float = 0.5
     run_id = client.create_run(exp, run_name=f"known-{task}").info.run_id
     model_dir = root / "models" / task
     model_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": known_model(task, None).state_dict()}, model_dir / "model.pt")
+    from medimg.tasks import configured_task
+
+    outputs = configured_task(task, params).n_outputs
+    torch.save({"model": known_model(task, None, outputs).state_dict()}, model_dir / "model.pt")
     uri = tracking.log_model(params, task, model_dir, run_id)
     (model_dir / tracking.RUN_FILE).write_text(json.dumps({"run_id": run_id, "model_uri": uri}))
     client.set_tag(run_id, "medimg.evaluated", "true")
