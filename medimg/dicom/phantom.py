@@ -59,11 +59,8 @@ class Phantom:
     b: float  # body semi-axis, anterior-posterior, mm
     fat: float  # subcutaneous fat thickness, mm
     lesions: tuple[Lesion, ...] = ()
-
-    @property
-    def lesion_kind(self) -> str:
-        """``none`` without lesions, else the kind all of this patient's lesions share."""
-        return self.lesions[0].kind if self.lesions else "none"
+    lesion_kind: Literal["none", "cyst", "solid"] = "none"  # what every lesion is; none:
+    # a negative patient
 
     def anatomy(self, p: npt.NDArray[np.float64]) -> npt.NDArray[np.int8]:
         """Tissue code without lesions at points ``p`` of shape (3, ...)."""
@@ -195,4 +192,11 @@ def make_phantom(
                     kind=kind,
                 )
             )
-    return Phantom(centre=centre, a=a, b=b, fat=rng.uniform(8, 18), lesions=tuple(lesions))
+    return Phantom(
+        centre=centre,
+        a=a,
+        b=b,
+        fat=rng.uniform(8, 18),
+        lesions=tuple(lesions),
+        lesion_kind=kind if positive else "none",
+    )

@@ -151,7 +151,8 @@ def synth_cohort(
             mask, affine, folder = write_series(plan, phantom, cfg, ident, raw, structures)
             series_uid = make_uid(cfg.seed, "series", plan.series_index)
             _save_mask(mask, affine, masks / f"{series_uid}.nii.gz")
-            truth.append(_truth_row(plan, cfg, ident, phantom, mask, structures, folder))
+            pos = positive[plan.patient_index]
+            truth.append(_truth_row(plan, cfg, ident, phantom, pos, mask, structures, folder))
             if progress is not None:
                 progress(done + 1, len(plans))
     labels = [
@@ -176,6 +177,7 @@ def _truth_row(
     cfg: SynthParams,
     ident: dict[str, str],
     phantom: Phantom,
+    positive: bool,
     mask: npt.NDArray[np.uint8],
     structures: tuple[str, ...],
     folder: str,
@@ -195,7 +197,7 @@ def _truth_row(
         "descending": int(plan.descending),
         "shuffled": int(plan.shuffled),
         "n_slices": cfg.n_slices,
-        "label": int(bool(phantom.lesions)),
+        "label": int(positive),
         "lesion_kind": phantom.lesion_kind,
         "lesion_voxels": "",
         **voxels,
@@ -203,7 +205,7 @@ def _truth_row(
     }
 
 
-def _write_labels(path: Path, idents: list[dict[str, str]], labels: list[int | str]) -> None:
+def _write_labels(path: Path, idents: list[dict[str, str]], labels: Sequence[int | str]) -> None:
     """``labels.csv``: patient_id,label, sorted by patient ID."""
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
