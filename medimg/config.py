@@ -74,7 +74,16 @@ class SynthParams(StrictModel):
     positive_fraction: Fraction = 0.5  # share of patients carrying lesions (label 1)
     lesions_per_positive: IntRange = (1, 2)  # [min, max] lesions in a positive patient
     lesion_radius_mm: Range = (20.0, 30.0)  # [min, max] ellipsoid semi-axis, mm
-    lesion_contrast_hu: float = 90.0  # lesion mean above soft tissue, Hounsfield units
+    lesion_contrast_hu: float = 90.0  # solid lesion mean above soft tissue (40 HU), HU;
+    # 40-70 puts enhancing masses at the 80-110 HU they show in portal venous phase
+    lesion_kinds: tuple[Literal["cyst", "solid"], ...] = Field(
+        ("solid",), min_length=1
+    )  # kinds that
+    # positive patients are split across, evenly and seeded, one kind per patient:
+    # solid (textured, enhancing, T1 brighter than liver), cyst (homogeneous fluid,
+    # 0-20 HU, T1 darker than liver)
+    labels: Literal["binary", "kind"] = "binary"  # labels.csv label: 0/1, or the patient's
+    # lesion kind as a class name (none, cyst, solid)
     matrix: int = Field(64, ge=8, le=1024)  # in-plane rows = columns, pixels
     n_slices: int = Field(40, ge=2, le=2048)  # slices per series
     fov_mm: Range = (340.0, 380.0)  # [min, max] in-plane field of view, mm
@@ -102,6 +111,8 @@ class SynthParams(StrictModel):
             _ordered(getattr(self, name), name)
         if self.studies_per_patient[0] < 1 or self.series_per_study[0] < 1:
             raise ValueError("studies_per_patient and series_per_study start at 1 or more")
+        if len(set(self.lesion_kinds)) != len(self.lesion_kinds):
+            raise ValueError(f"lesion_kinds names a kind twice: {list(self.lesion_kinds)}")
         return self
 
 

@@ -5,6 +5,7 @@ series sees of its patient's phantom, on its own grid.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,7 +13,15 @@ import numpy.typing as npt
 
 from medimg.config import SynthParams
 from medimg.dicom.geometry import lps_affine
-from medimg.dicom.phantom import CT_HU, LESION, MR_SIGNAL, Phantom, make_phantom
+from medimg.dicom.phantom import (
+    CT_HU,
+    LESION,
+    MR_SIGNAL,
+    LesionKind,
+    Phantom,
+    label_map,
+    make_phantom,
+)
 
 
 @dataclass(frozen=True)
@@ -77,13 +86,28 @@ def _rotation(deg_x: float, deg_z: float) -> npt.NDArray[np.float64]:
     return rz @ rx
 
 
+def lesion_kinds(cfg: SynthParams, positive: Sequence[bool]) -> list[LesionKind]:
+    """The lesion kind of each positive patient, in patient order: ``cfg.lesion_kinds`` in
+    turn (so their counts differ by one at most), shuffled by a generator of their own so
+    that the rest of the cohort does not depend on them."""
+    n_pos = int(sum(positive))
+    kinds = [cfg.lesion_kinds[i % len(cfg.lesion_kinds)] for i in range(n_pos)]
+    order = np.random.default_rng([cfg.seed, 6]).permutation(n_pos)
+    return [kinds[i] for i in order]
+
+
 def plan_cohort(cfg: SynthParams) -> tuple[list[Phantom], list[bool], list[SeriesPlan]]:
-    """Decide patients, labels and series (no pixels yet)."""
+    """Decide patients, labels (a patient's lesion kind is its phantom's) and series (no
+    pixels yet)."""
     rng = np.random.default_rng(cfg.seed)
     n_pos = round(cfg.n_patients * cfg.positive_fraction)
     positive = np.zeros(cfg.n_patients, dtype=bool)
     positive[rng.permutation(cfg.n_patients)[:n_pos]] = True
-    phantoms = [make_phantom(cfg, rng, bool(p)) for p in positive]
+    kinds = iter(lesion_kinds(cfg, positive.tolist()))
+    phantoms = [
+        make_phantom(cfg, rng, True, next(kinds)) if p else make_phantom(cfg, rng, False)
+        for p in positive
+    ]
     plans: list[SeriesPlan] = []
     study_counter = 0
     for p in range(cfg.n_patients):
@@ -140,16 +164,22 @@ def series_grid(plan: SeriesPlan, cfg: SynthParams) -> tuple[npt.NDArray[np.floa
 
 
 def render_series(
-    plan: SeriesPlan, phantom: Phantom, cfg: SynthParams
+    plan: SeriesPlan,
+    phantom: Phantom,
+    cfg: SynthParams,
+    structures: Sequence[str] = ("lesion",),
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.uint8]]:
-    """Real-valued image (HU or MR a.u.) and lesion mask, both shaped (slices, rows, cols)."""
+    """Real-valued image (HU or MR a.u.) and the label map of ``structures``
+    (:func:`~medimg.dicom.phantom.label_map`), both shaped (slices, rows, cols) and
+    sampled at the same voxel centres. The default is the binary lesion mask."""
     affine, _ = series_grid(plan, cfg)
     k, j, i = np.meshgrid(
         np.arange(cfg.n_slices), np.arange(cfg.matrix), np.arange(cfg.matrix), indexing="ij"
     )
     ijk1 = np.stack([i, j, k, np.ones_like(i)]).reshape(4, -1).astype(np.float64)
     pts = (affine @ ijk1)[:3].reshape(3, *i.shape)
-    code, texture = phantom.tissue(pts)
+    anatomy = phantom.anatomy(pts)
+    code, texture = phantom.tissue(pts, anatomy)
     rng = np.random.default_rng([cfg.seed, 1, plan.series_index])
     noise = rng.normal(0.0, cfg.noise_hu, size=code.shape)
     if plan.modality == "CT":
@@ -159,4 +189,4 @@ def render_series(
         image = MR_SIGNAL[code] + 4.0 * texture
         bias = 1 + 0.15 * np.sin(pts[0] / 120.0) * np.cos(pts[1] / 150.0)  # coil shading
         image = np.abs(image * bias + 1.5 * noise) * MR_GAIN[plan.vendor.name]
-    return image, (code == LESION).astype(np.uint8)
+    return image, label_map(anatomy, code, structures)

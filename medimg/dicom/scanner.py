@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -220,15 +221,21 @@ def _encode(image: npt.NDArray[np.float64], plan: SeriesPlan) -> npt.NDArray:
 
 
 def write_series(
-    plan: SeriesPlan, phantom: Phantom, cfg: SynthParams, ident: dict[str, str], raw: Path
+    plan: SeriesPlan,
+    phantom: Phantom,
+    cfg: SynthParams,
+    ident: dict[str, str],
+    raw: Path,
+    structures: Sequence[str] = ("lesion",),
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float64], str]:
     """Render series ``plan`` of ``phantom`` and write its DICOM files under ``raw``.
 
     Returns:
-        The lesion mask (slices, rows, cols), the series' LPS affine and its folder
-        relative to ``raw``.
+        The label map of ``structures`` (slices, rows, cols; value i + 1 for structure i,
+        see :func:`~medimg.dicom.phantom.label_map`), the series' LPS affine and its
+        folder relative to ``raw``.
     """
-    image, mask = render_series(plan, phantom, cfg)
+    image, mask = render_series(plan, phantom, cfg, structures)
     pixels = _encode(image, plan)
     affine, step = series_grid(plan, cfg)
     ds = _series_dataset(plan, cfg, ident)

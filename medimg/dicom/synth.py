@@ -1,11 +1,12 @@
 """A synthetic cohort that looks like a PACS export: real DICOM files written with pydicom.
 
 Each patient is a continuous phantom in LPS patient coordinates (air, fat, soft tissue,
-liver, lungs, spine); about half carry ellipsoidal lesions with their own contrast and
-texture. Every series samples the phantom on its own grid (axial, coronal, sagittal or
-oblique, ascending or descending, with InstanceNumber sometimes unrelated to position),
-so pixels, headers and lesion masks agree by construction. Headers carry fake but
-realistic PHI so that de-identification can be tested.
+liver, lungs, spine); about half carry ellipsoidal lesions of one kind (textured,
+enhancing solid masses or homogeneous fluid cysts). Every series samples the phantom on
+its own grid (axial, coronal, sagittal or oblique, ascending or descending, with
+InstanceNumber sometimes unrelated to position), so pixels, headers and masks (a label
+map of the chosen structures: body, lung, liver, spine, lesion) agree by construction.
+Headers carry fake but realistic PHI so that de-identification can be tested.
 
 Everything is a pure function of :class:`~medimg.config.SynthParams`: the same seed gives
 byte-identical files.
@@ -18,7 +19,9 @@ DICOM files). This module writes the cohort: files, masks, labels and ground tru
 from __future__ import annotations
 
 import csv
+import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -46,8 +49,10 @@ from medimg.dicom.phantom import LIVER as LIVER
 from medimg.dicom.phantom import LUNG as LUNG
 from medimg.dicom.phantom import MR_SIGNAL as MR_SIGNAL
 from medimg.dicom.phantom import SOFT as SOFT
+from medimg.dicom.phantom import STRUCTURES as STRUCTURES
 from medimg.dicom.phantom import Lesion as Lesion
 from medimg.dicom.phantom import Phantom as Phantom
+from medimg.dicom.phantom import check_structures
 from medimg.dicom.phantom import lesion_core_mm as lesion_core_mm
 from medimg.dicom.phantom import make_phantom as make_phantom
 from medimg.dicom.scanner import FIRST_NAMES as FIRST_NAMES
@@ -63,6 +68,8 @@ _uid = make_uid  # its name here before the split; tests import it
 
 
 def _save_mask(mask: npt.NDArray[np.uint8], lps: npt.NDArray[np.float64], path: Path) -> None:
+    """Write one series' label map (slices, rows, cols) on its grid (LPS affine ``lps``):
+    the one place the cohort's annotations are written."""
     # (slices, rows, cols) -> (i, j, k) = (cols, rows, slices)
     img = nib.Nifti1Image(np.ascontiguousarray(mask.transpose(2, 1, 0)), ras_affine(lps))
     img.set_qform(img.affine, code=1)
@@ -81,9 +88,16 @@ TRUTH_COLUMNS = [
     "shuffled",
     "n_slices",
     "label",
+    "lesion_kind",
     "lesion_voxels",
     "folder",
 ]
+
+
+def truth_columns(structures: Sequence[str]) -> list[str]:
+    """The columns of ``truth_csv``: :data:`TRUTH_COLUMNS`, then ``<name>_voxels`` for each
+    structure other than the lesion (whose count is ``lesion_voxels``)."""
+    return TRUTH_COLUMNS + [f"{name}_voxels" for name in structures if name != "lesion"]
 
 
 def synth_cohort(
@@ -94,10 +108,16 @@ def synth_cohort(
     truth_csv: Path,
     progress: Progress | None = None,
     force: bool = False,
+    structures: Sequence[str] = ("lesion",),
 ) -> dict[str, int]:
     """Write the cohort: DICOM under ``raw_dir``, one NIfTI mask per series (named by its
     SeriesInstanceUID) under ``masks_dir``, ``labels_csv`` (patient_id,label) and
-    ``truth_csv`` (per-series ground truth for tests).
+    ``truth_csv`` (per-series ground truth for tests, :func:`truth_columns`).
+
+    Each mask is a label map of ``structures`` (names among :data:`STRUCTURES`, in the
+    order of ``Params.structures``): value i + 1 where structure i is, later ones winning
+    where they overlap. The default gives binary lesion masks. ``labels_csv`` holds 0/1
+    or the patient's lesion kind (none, cyst, solid), as ``cfg.labels`` says.
 
     Each output is staged and swapped in atomically, so an interrupted run leaves the
     previous cohort intact. A cohort already written with the same settings is left as it
@@ -105,9 +125,14 @@ def synth_cohort(
 
     Returns:
         Counts: patients, positives, series and files.
+
+    Raises:
+        ConfigError: an unknown or repeated structure name, or lesions that cannot fit.
     """
+    structures = tuple(structures)
+    check_structures(structures)
     stamp = truth_csv.with_name(truth_csv.stem + ".params.json")
-    settings = cfg.model_dump_json()
+    settings = json.dumps({"synth": cfg.model_dump(mode="json"), "structures": structures})
     outputs = (raw_dir, masks_dir, labels_csv, truth_csv, stamp)
     if not force and all(p.exists() for p in outputs) and stamp.read_text() == settings:
         with truth_csv.open() as f:
@@ -122,16 +147,20 @@ def synth_cohort(
     truth: list[dict[str, object]] = []
     with atomic_dir(raw_dir) as raw, atomic_dir(masks_dir) as masks:
         for done, plan in enumerate(plans):
-            ident = idents[plan.patient_index]
-            mask, affine, folder = write_series(plan, phantoms[plan.patient_index], cfg, ident, raw)
+            ident, phantom = idents[plan.patient_index], phantoms[plan.patient_index]
+            mask, affine, folder = write_series(plan, phantom, cfg, ident, raw, structures)
             series_uid = make_uid(cfg.seed, "series", plan.series_index)
             _save_mask(mask, affine, masks / f"{series_uid}.nii.gz")
-            label = positive[plan.patient_index]
-            truth.append(_truth_row(plan, cfg, ident, label, mask, folder))
+            pos = positive[plan.patient_index]
+            truth.append(_truth_row(plan, cfg, ident, phantom, pos, mask, structures, folder))
             if progress is not None:
                 progress(done + 1, len(plans))
-    _write_labels(labels_csv, idents, positive)
-    _write_truth(truth_csv, truth)
+    labels = [
+        p.lesion_kind if cfg.labels == "kind" else int(pos)
+        for p, pos in zip(phantoms, positive, strict=True)
+    ]
+    _write_labels(labels_csv, idents, labels)
+    _write_truth(truth_csv, truth, truth_columns(structures))
     counts = {
         "patients": cfg.n_patients,
         "positives": int(sum(positive)),
@@ -147,11 +176,17 @@ def _truth_row(
     plan: SeriesPlan,
     cfg: SynthParams,
     ident: dict[str, str],
+    phantom: Phantom,
     positive: bool,
     mask: npt.NDArray[np.uint8],
+    structures: tuple[str, ...],
     folder: str,
 ) -> dict[str, object]:
-    """One series' ground truth, a row of ``truth_csv``."""
+    """One series' ground truth, a row of ``truth_csv``: voxel counts are of the mask as
+    written (after overlaps are resolved); ``lesion_voxels`` is empty when the lesion is
+    not among the structures."""
+    counts = np.bincount(mask.ravel(), minlength=len(structures) + 1)
+    voxels = {f"{name}_voxels": int(counts[i]) for i, name in enumerate(structures, start=1)}
     return {
         "series_uid": make_uid(cfg.seed, "series", plan.series_index),
         "study_uid": make_uid(cfg.seed, "study", plan.patient_index, plan.study_index),
@@ -163,25 +198,27 @@ def _truth_row(
         "shuffled": int(plan.shuffled),
         "n_slices": cfg.n_slices,
         "label": int(positive),
-        "lesion_voxels": int(mask.sum()),
+        "lesion_kind": phantom.lesion_kind,
+        "lesion_voxels": "",
+        **voxels,
         "folder": folder,
     }
 
 
-def _write_labels(path: Path, idents: list[dict[str, str]], positive: list[bool]) -> None:
+def _write_labels(path: Path, idents: list[dict[str, str]], labels: Sequence[int | str]) -> None:
     """``labels.csv``: patient_id,label, sorted by patient ID."""
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["patient_id", "label"])
-        for ident, pos in sorted(
-            zip(idents, positive, strict=True), key=lambda t: t[0]["PatientID"]
+        for ident, label in sorted(
+            zip(idents, labels, strict=True), key=lambda t: t[0]["PatientID"]
         ):
-            writer.writerow([ident["PatientID"], int(pos)])
+            writer.writerow([ident["PatientID"], label])
 
 
-def _write_truth(path: Path, truth: list[dict[str, object]]) -> None:
-    """``truth_csv``: one row per series, :data:`TRUTH_COLUMNS`."""
+def _write_truth(path: Path, truth: list[dict[str, object]], columns: list[str]) -> None:
+    """``truth_csv``: one row per series, ``columns`` (:func:`truth_columns`)."""
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        dict_writer = csv.DictWriter(f, fieldnames=TRUTH_COLUMNS)
+        dict_writer = csv.DictWriter(f, fieldnames=columns)
         dict_writer.writeheader()
         dict_writer.writerows(truth)

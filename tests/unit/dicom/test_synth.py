@@ -18,9 +18,26 @@ import pydicom
 import pytest
 from pydicom import config as dcm_config
 
+from medimg.config import DataParams, Params, SynthParams
 from medimg.dicom.geometry import lps_affine, ras_affine
+from medimg.dicom.synth import STRUCTURES, synth_cohort
 from medimg.errors import ConfigError
-from tests.helpers import TINY_SYNTH, Cohort, tool_path, write_cohort
+from tests.helpers import TINY_SYNTH, Cohort, dicom_problems, tool_path, write_cohort
+
+# Positive patients with cysts and solid lesions, in CT and MR, labelled by kind, masks
+# of every structure; lesions a little larger than the tiny cohort's, for their statistics.
+KIND_SYNTH = TINY_SYNTH.model_copy(
+    update={
+        "n_patients": 6,
+        "positive_fraction": 0.66,
+        "mr_fraction": 0.5,
+        "lesion_radius_mm": (10.0, 14.0),
+        "lesion_contrast_hu": 60.0,  # solid lesions at 100 HU
+        "lesion_kinds": ("cyst", "solid"),
+        "labels": "kind",
+    }
+)
+BODY, LUNG, LIVER, SPINE, LESION = range(1, 6)  # label-map values of STRUCTURES
 
 
 def _truth(cohort: Cohort) -> list[dict[str, str]]:
@@ -34,6 +51,45 @@ def _digest_tree(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def _write(root: Path, cfg: SynthParams, structures: tuple[str, ...]) -> Cohort:
+    """A cohort written with ``structures`` (stages.synth writes the default only)."""
+    params = Params(data=DataParams(), synth=cfg)
+    data = root / "data"
+    counts = synth_cohort(
+        cfg,
+        data / "raw",
+        data / "masks",
+        data / "labels.csv",
+        data / "synth_truth.csv",
+        structures=structures,
+    )
+    return Cohort(root=root, params=params, counts=counts)
+
+
+def _pixels_on_mask_grid(cohort: Cohort, row: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """A series' real values (HU, or MR a.u. after any rescale) from its DICOM files, on
+    its mask's voxel grid, and the mask: each file placed by its ImagePositionPatient."""
+    from pydicom.pixels import apply_rescale
+
+    img = nib.load(cohort.masks / f"{row['series_uid']}.nii.gz")
+    mask = np.asarray(img.dataobj)
+    values = np.full(mask.shape, np.nan)
+    to_voxel = np.linalg.inv(img.affine)
+    for path in (cohort.raw / row["folder"]).iterdir():
+        ds = pydicom.dcmread(path)
+        if ds.SeriesInstanceUID == row["series_uid"]:
+            x, y, z = (float(v) for v in ds.ImagePositionPatient)
+            k = round(float((to_voxel @ [-x, -y, z, 1.0])[2]))  # LPS -> RAS -> voxel
+            values[:, :, k] = apply_rescale(ds.pixel_array, ds).T  # (rows, cols) -> (i, j)
+    assert not np.isnan(values).any()  # every slice found its place
+    return values, mask
+
+
+@pytest.fixture(scope="module")
+def kind_cohort(tmp_path_factory: pytest.TempPathFactory) -> Cohort:
+    return _write(tmp_path_factory.mktemp("kinds"), KIND_SYNTH, STRUCTURES)
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +280,113 @@ def test_up_to_date_cohort_is_left_alone(tmp_path: Path) -> None:
     changed = write_cohort(tmp_path, TINY_SYNTH.model_copy(update={"noise_hu": 5.0}))
     assert changed.counts["series"] == first.counts["series"]
     assert {p: p.stat().st_mtime_ns for p in first.raw.rglob("*")} != stamp
+
+
+def test_lesion_kinds_look_as_a_radiologist_would_tell_them_apart(kind_cohort: Cohort) -> None:
+    """Measured in the written pixels under the lesion label: CT cysts are water (0-20 HU)
+    and as smooth as the noise, solid lesions enhance (80-110 HU) and are textured; on MR
+    (T1-like) cysts are darker than the liver of the same series and solid lesions
+    brighter, with the same contrast in texture against the liver's noise."""
+    noise = KIND_SYNTH.noise_hu
+    residuals: dict[str, list[np.ndarray]] = defaultdict(list)
+    seen = set()
+    for row in _truth(kind_cohort):
+        if row["lesion_kind"] == "none":
+            continue
+        values, mask = _pixels_on_mask_grid(kind_cohort, row)
+        lesion, liver = values[mask == LESION], values[mask == LIVER]
+        kind = row["lesion_kind"]
+        assert lesion.size >= 15 and liver.size >= 100, row["series_uid"]
+        seen.add((row["modality"], kind))
+        if row["modality"] == "CT":
+            low, high = (0.0, 20.0) if kind == "cyst" else (80.0, 110.0)
+            assert low <= lesion.mean() <= high, (kind, lesion.mean())
+            residuals[kind].append(lesion - lesion.mean())
+            continue
+        contrast = lesion.mean() / liver.mean()
+        texture = lesion.std() / liver.std()  # the liver: one tissue, noise only
+        if kind == "cyst":
+            assert contrast < 0.6 and texture < 1.5, (contrast, texture)
+        else:
+            assert contrast > 1.5 and texture > 2.5, (contrast, texture)
+    assert seen == {(m, k) for m in ("CT", "MR") for k in ("cyst", "solid")}
+    assert np.concatenate(residuals["cyst"]).std() < 1.2 * noise
+    assert np.concatenate(residuals["solid"]).std() > 1.6 * noise
+
+
+def test_label_maps_hold_every_structure_where_its_tissue_is(kind_cohort: Cohort) -> None:
+    """Every structure's value appears; under each, CT pixels have that tissue's HU (lung
+    -820, liver 60, vertebral bone 650), so masks and pixels agree; body is in every series
+    and the truth's voxel counts are the masks'."""
+    expected_hu = {LUNG: -820.0, LIVER: 60.0, SPINE: 650.0}
+    present: set[int] = set()
+    for row in _truth(kind_cohort):
+        values, mask = _pixels_on_mask_grid(kind_cohort, row)
+        counts = np.bincount(mask.ravel(), minlength=len(STRUCTURES) + 1)
+        assert len(counts) == len(STRUCTURES) + 1  # no value beyond the structures
+        assert counts[BODY] > 0
+        present |= set(np.flatnonzero(counts))
+        assert [int(row[f"{n}_voxels"]) for n in STRUCTURES] == counts[1:].tolist()
+        if row["modality"] == "CT":
+            for value, hu in expected_hu.items():
+                under = values[mask == value]
+                assert under.size == 0 or abs(under.mean() - hu) < 6.0, (value, under.mean())
+    assert present == {0, BODY, LUNG, LIVER, SPINE, LESION}
+
+
+def test_kind_labels_name_each_patients_lesions(kind_cohort: Cohort) -> None:
+    """labels.csv holds none / cyst / solid, split evenly; the truth agrees per series."""
+    with kind_cohort.labels.open() as f:
+        labels = {r["patient_id"]: r["label"] for r in csv.DictReader(f)}
+    assert sorted(labels.values()) == ["cyst", "cyst", "none", "none", "solid", "solid"]
+    for row in _truth(kind_cohort):
+        assert row["lesion_kind"] == labels[row["patient_id"]]
+        assert row["label"] == str(int(row["lesion_kind"] != "none"))
+        assert (int(row["lesion_voxels"]) > 0) == (row["label"] == "1")
+
+
+def test_structures_change_only_the_masks(tiny_cohort: Cohort, tmp_path: Path) -> None:
+    """The default cohort's masks are binary and are exactly the lesion label of the same
+    cohort written with every structure; files and labels do not change. A cohort written
+    with other structures is rewritten, not taken as up to date."""
+    rows = _truth(tiny_cohort)
+    every = _write(tmp_path, TINY_SYNTH, STRUCTURES)
+    assert _digest_tree(every.raw) == _digest_tree(tiny_cohort.raw)
+    assert every.labels.read_bytes() == tiny_cohort.labels.read_bytes()
+    multi = {
+        r["series_uid"]: np.asarray(nib.load(every.masks / f"{r['series_uid']}.nii.gz").dataobj)
+        for r in rows
+    }
+    for row in rows:
+        binary = np.asarray(nib.load(tiny_cohort.masks / f"{row['series_uid']}.nii.gz").dataobj)
+        assert set(np.unique(binary)) <= {0, 1}
+        assert np.array_equal(binary, (multi[row["series_uid"]] == LESION).astype(np.uint8))
+        assert (multi[row["series_uid"]] == BODY).sum() > binary.sum()  # more than lesions
+    again = _write(tmp_path, TINY_SYNTH, ("lesion",))
+    assert _digest_tree(again.masks) == _digest_tree(tiny_cohort.masks)
+
+
+def test_unknown_structure_is_a_config_error_before_any_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="kidney") as e:
+        _write(tmp_path, TINY_SYNTH, ("body", "kidney"))
+    assert "liver" in str(e.value)  # it lists the known names
+    assert not (tmp_path / "data").exists()
+
+
+def test_files_of_both_lesion_kinds_are_valid_for_their_iod(kind_cohort: Cohort) -> None:
+    """pydicom, highdicom and dciodvfy find nothing wrong with CT and MR images that hold
+    cysts or solid lesions (two slices of one series of each)."""
+    picked: dict[tuple[str, str], dict[str, str]] = {}
+    for row in _truth(kind_cohort):
+        picked.setdefault((row["modality"], row["lesion_kind"]), row)
+    assert set(picked) == {(m, k) for m in ("CT", "MR") for k in ("none", "cyst", "solid")}
+    files = []
+    for row in picked.values():
+        mine = [
+            p
+            for p in sorted((kind_cohort.raw / row["folder"]).iterdir())
+            if pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID == row["series_uid"]
+        ]
+        files += mine[:2]
+    assert len(files) == 12
+    assert {str(p): dicom_problems(p) for p in files} == {str(p): [] for p in files}
