@@ -40,6 +40,7 @@ def synth(
         truth_csv=project_path(root, d.synth_truth),
         progress=progress,
         force=force,
+        structures=params.structures,
     )
 
 

@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 
-from medimg.config import SynthParams
+from medimg.config import StructureParams, SynthParams
 
 # The parts' names stay importable from here, where they were defined before.
 from medimg.dicom.acquisition import MR_GAIN as MR_GAIN
@@ -59,6 +59,7 @@ from medimg.dicom.scanner import FIRST_NAMES as FIRST_NAMES
 from medimg.dicom.scanner import INSTITUTIONS as INSTITUTIONS
 from medimg.dicom.scanner import LAST_NAMES as LAST_NAMES
 from medimg.dicom.scanner import make_identity, make_uid, write_series
+from medimg.errors import ConfigError
 from medimg.io import atomic_dir, atomic_path, atomic_write_text
 from medimg.typing import Progress
 
@@ -67,14 +68,66 @@ log = logging.getLogger(__name__)
 _uid = make_uid  # its name here before the split; tests import it
 
 
-def _save_mask(mask: npt.NDArray[np.uint8], lps: npt.NDArray[np.float64], path: Path) -> None:
+ANNOTATION_SERIES_NUMBER = 9801  # SeriesNumber of the cohort's SEG and RTSTRUCT objects
+
+
+def annotation_formats(cfg: SynthParams, n_series: int) -> list[str]:
+    """Per series, how its annotation is written: ``seg``, ``rtstruct`` or ``nifti``, in
+    the shares ``cfg.seg_fraction`` and ``cfg.rtstruct_fraction`` (exactly, rounded), on a
+    seeded permutation of the series."""
+    n_seg = round(cfg.seg_fraction * n_series)
+    n_rt = min(n_series - n_seg, round(cfg.rtstruct_fraction * n_series))
+    formats = ["nifti"] * n_series
+    for rank, i in enumerate(np.random.default_rng([cfg.seed, 11]).permutation(n_series)):
+        if rank < n_seg + n_rt:
+            formats[int(i)] = "seg" if rank < n_seg else "rtstruct"
+    return formats
+
+
+def _save_mask(
+    mask: npt.NDArray[np.uint8],
+    lps: npt.NDArray[np.float64],
+    path: Path,
+    fmt: str = "nifti",
+    structures: Sequence[StructureParams] = (),
+    series: Path | None = None,
+) -> None:
     """Write one series' label map (slices, rows, cols) on its grid (LPS affine ``lps``):
-    the one place the cohort's annotations are written."""
+    the one place the cohort's annotations are written. ``fmt`` ``nifti`` writes ``path``
+    (``<SeriesInstanceUID>.nii.gz``); ``seg`` and ``rtstruct`` write a DICOM SEG or
+    RTSTRUCT of the ``structures`` over the series' files in folder ``series`` beside it,
+    as a PACS or planning system exports them."""
     # (slices, rows, cols) -> (i, j, k) = (cols, rows, slices)
-    img = nib.Nifti1Image(np.ascontiguousarray(mask.transpose(2, 1, 0)), ras_affine(lps))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    nib.save(img, path)
+    data, affine = np.ascontiguousarray(mask.transpose(2, 1, 0)), ras_affine(lps)
+    if fmt == "nifti":
+        img = nib.Nifti1Image(data, affine)
+        img.set_qform(img.affine, code=1)
+        img.set_sform(img.affine, code=1)
+        nib.save(img, path)
+        return
+    from medimg.dicom.rtstruct import write_rtstruct
+    from medimg.dicom.seg import SegInfo, read_sources, segments_from, write_seg
+
+    if series is None:
+        raise ValueError(f"{path.name}: a {fmt} annotation needs its series' folder")
+    uid = path.name.removesuffix(".nii.gz")
+    sources = [
+        ds for ds in read_sources(sorted(f for f in series.iterdir() if f.is_file())) if ds.SeriesInstanceUID == uid
+    ]
+    target = path.with_name(path.name.replace(".nii.gz", f".{fmt}.dcm"))
+    if fmt == "seg":
+        info = SegInfo(
+            series_description="medimg synthetic annotation",
+            algorithm_name="medimg-synth",
+            algorithm_version="1",
+            series_number=ANNOTATION_SERIES_NUMBER,
+            segments=segments_from(structures),
+        )
+        write_seg(data, affine, sources, info, target)
+    else:
+        write_rtstruct(
+            data, affine, sources, structures, target, series_number=ANNOTATION_SERIES_NUMBER
+        )
 
 
 TRUTH_COLUMNS = [
@@ -108,7 +161,7 @@ def synth_cohort(
     truth_csv: Path,
     progress: Progress | None = None,
     force: bool = False,
-    structures: Sequence[str] = ("lesion",),
+    structures: Sequence[str | StructureParams] = ("lesion",),
 ) -> dict[str, int]:
     """Write the cohort: DICOM under ``raw_dir``, one NIfTI mask per series (named by its
     SeriesInstanceUID) under ``masks_dir``, ``labels_csv`` (patient_id,label) and
@@ -129,8 +182,11 @@ def synth_cohort(
     Raises:
         ConfigError: an unknown or repeated structure name, or lesions that cannot fit.
     """
-    structures = tuple(structures)
+    coded = tuple(s for s in structures if isinstance(s, StructureParams))
+    structures = tuple(s if isinstance(s, str) else s.name for s in structures)
     check_structures(structures)
+    if (cfg.seg_fraction or cfg.rtstruct_fraction) and len(coded) != len(structures):
+        raise ConfigError("synth: SEG and RTSTRUCT annotations need the structures' codes")
     stamp = truth_csv.with_name(truth_csv.stem + ".params.json")
     settings = json.dumps({"synth": cfg.model_dump(mode="json"), "structures": structures})
     outputs = (raw_dir, masks_dir, labels_csv, truth_csv, stamp)
@@ -143,6 +199,7 @@ def synth_cohort(
                 "files": n_series * cfg.n_slices}  # fmt: skip
     stamp.unlink(missing_ok=True)
     phantoms, positive, plans = plan_cohort(cfg)
+    formats = annotation_formats(cfg, len(plans))
     idents = [make_identity(cfg.seed, p) for p in range(cfg.n_patients)]
     truth: list[dict[str, object]] = []
     with atomic_dir(raw_dir) as raw, atomic_dir(masks_dir) as masks:
@@ -150,7 +207,10 @@ def synth_cohort(
             ident, phantom = idents[plan.patient_index], phantoms[plan.patient_index]
             mask, affine, folder = write_series(plan, phantom, cfg, ident, raw, structures)
             series_uid = make_uid(cfg.seed, "series", plan.series_index)
-            _save_mask(mask, affine, masks / f"{series_uid}.nii.gz")
+            _save_mask(
+                mask, affine, masks / f"{series_uid}.nii.gz",
+                formats[done], coded, raw / folder,
+            )  # fmt: skip
             pos = positive[plan.patient_index]
             truth.append(_truth_row(plan, cfg, ident, phantom, pos, mask, structures, folder))
             if progress is not None:

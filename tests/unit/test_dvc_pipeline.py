@@ -11,8 +11,10 @@ REPO = Path(__file__).resolve().parents[2]
 # Shared plumbing: editing it changes no stage's numbers, so it retrains nothing.
 PLUMBING = {
     "medimg/__init__.py",
-    "medimg/config.py",
-    "medimg/structures.py",  # part of the config (its structures section)
+    "medimg/config/__init__.py",
+    "medimg/config/base.py",
+    "medimg/config/data.py",
+    "medimg/config/structures.py",
     "medimg/errors.py",
     "medimg/io.py",
     "medimg/tracking/__init__.py",
