@@ -14,9 +14,12 @@ For every series in the folder:
    with nibabel's resampling (linear on probabilities, then 0.5). Every spatial step of
    preprocessing (orientation, spacing, crop, pad) is recorded in the MetaTensor's
    affine, so this one resampling undoes all of them, whatever the orientation;
-5. **write** under ``output/<key>/``: ``mask.nii.gz`` (on the series' grid), ``seg.dcm``
-   (DICOM SEG, frames matched to source instances by position) and ``montage.png``;
-   then ``predictions.csv`` and ``report.html`` for the folder.
+5. **write** under ``output/<key>/``: ``mask.nii.gz`` (the label map on the series' grid:
+   each channel's probability resampled, then the most probable label), ``seg.dcm``
+   (DICOM SEG, one segment per structure with its name and codes, frames matched to
+   source instances by position) and ``montage.png``; then ``predictions.csv`` (with a
+   probability per class, the predicted class, or a volume per structure) and
+   ``report.html`` for the folder.
 
 De-identification (``predict.deid``):
 
@@ -252,10 +255,10 @@ def _write_seg(
 
     name = predictor.name if predictor.name != predictor.uri else "medimg-model"
     spec = _spec(predictor)
-    segments = {} if len(spec.labels) == 1 else {"segments": segments_from(spec.structures)}
-    what = "lesion" if len(spec.labels) == 1 else f"{len(spec.labels)} structures"
+    several = len(spec.labels) > 1  # one structure: the binary SEG as before structures
+    what = f"{len(spec.labels)} structures" if several else "lesion"
     info = SegInfo(
-        **segments,
+        segments=segments_from(spec.structures) if several else (),
         series_description=f"medimg {what} ({name} v{predictor.version})"[:64],
         algorithm_name=name,
         algorithm_version=predictor.version,

@@ -39,6 +39,9 @@ from medimg.errors import DicomError
 from medimg.io import atomic_path
 
 log = logging.getLogger(__name__)
+# highdicom logs every source dataset's UID at INFO as it copies its modules: UIDs of a
+# patient's images (PACS mode) do not belong in logs, and a line per copy is noise
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 POSITION_TOLERANCE = 0.05  # max distance of a source frame from a slice centre, voxels
 ORIENTATION_TOLERANCE = 1e-3  # max difference of direction cosines

@@ -111,9 +111,8 @@ def _save_mask(
     if series is None:
         raise ValueError(f"{path.name}: a {fmt} annotation needs its series' folder")
     uid = path.name.removesuffix(".nii.gz")
-    sources = [
-        ds for ds in read_sources(sorted(f for f in series.iterdir() if f.is_file())) if ds.SeriesInstanceUID == uid
-    ]
+    files = sorted(f for f in series.iterdir() if f.is_file())  # a study folder may hold two
+    sources = [ds for ds in read_sources(files) if ds.SeriesInstanceUID == uid]
     target = path.with_name(path.name.replace(".nii.gz", f".{fmt}.dcm"))
     if fmt == "seg":
         info = SegInfo(
@@ -183,12 +182,15 @@ def synth_cohort(
         ConfigError: an unknown or repeated structure name, or lesions that cannot fit.
     """
     coded = tuple(s for s in structures if isinstance(s, StructureParams))
-    structures = tuple(s if isinstance(s, str) else s.name for s in structures)
-    check_structures(structures)
-    if (cfg.seg_fraction or cfg.rtstruct_fraction) and len(coded) != len(structures):
+    names = tuple(s if isinstance(s, str) else s.name for s in structures)
+    check_structures(names)
+    if (cfg.seg_fraction or cfg.rtstruct_fraction) and len(coded) != len(names):
         raise ConfigError("synth: SEG and RTSTRUCT annotations need the structures' codes")
     stamp = truth_csv.with_name(truth_csv.stem + ".params.json")
-    settings = json.dumps({"synth": cfg.model_dump(mode="json"), "structures": structures})
+    stamped: dict[str, object] = {"synth": cfg.model_dump(mode="json"), "structures": names}
+    if cfg.seg_fraction or cfg.rtstruct_fraction:  # the codes the DICOM objects carry
+        stamped["codes"] = [s.model_dump(mode="json") for s in coded]
+    settings = json.dumps(stamped)
     outputs = (raw_dir, masks_dir, labels_csv, truth_csv, stamp)
     if not force and all(p.exists() for p in outputs) and stamp.read_text() == settings:
         with truth_csv.open() as f:
@@ -205,14 +207,14 @@ def synth_cohort(
     with atomic_dir(raw_dir) as raw, atomic_dir(masks_dir) as masks:
         for done, plan in enumerate(plans):
             ident, phantom = idents[plan.patient_index], phantoms[plan.patient_index]
-            mask, affine, folder = write_series(plan, phantom, cfg, ident, raw, structures)
+            mask, affine, folder = write_series(plan, phantom, cfg, ident, raw, names)
             series_uid = make_uid(cfg.seed, "series", plan.series_index)
             _save_mask(
                 mask, affine, masks / f"{series_uid}.nii.gz",
                 formats[done], coded, raw / folder,
             )  # fmt: skip
             pos = positive[plan.patient_index]
-            truth.append(_truth_row(plan, cfg, ident, phantom, pos, mask, structures, folder))
+            truth.append(_truth_row(plan, cfg, ident, phantom, pos, mask, names, folder))
             if progress is not None:
                 progress(done + 1, len(plans))
     labels = [
@@ -220,7 +222,7 @@ def synth_cohort(
         for p, pos in zip(phantoms, positive, strict=True)
     ]
     _write_labels(labels_csv, idents, labels)
-    _write_truth(truth_csv, truth, truth_columns(structures))
+    _write_truth(truth_csv, truth, truth_columns(names))
     counts = {
         "patients": cfg.n_patients,
         "positives": int(sum(positive)),

@@ -33,8 +33,11 @@ with warnings.catch_warnings():
     class MedimgModel(PythonModel):
         """A medimg model behind MLflow's pyfunc interface.
 
-        Input: float32 array (N, 1, R, A, S) of preprocessed volumes. Output: the lesion
-        probability per volume (classify, shape (N,)) or per voxel (segment, (N, R, A, S)).
+        Input: float32 array (N, 1, R, A, S) of preprocessed volumes. Output: per volume,
+        the positive class's probability (classify, two classes: (N,)) or one per class
+        ((N, K)); per voxel, the lesion's (segment, one structure: (N, R, A, S)) or one per
+        label, background first ((N, K + 1, R, A, S)). The names are in
+        ``model_config.json``'s ``outputs``.
         :meth:`torch_model` gives the ``torch.nn.Module`` itself.
         """
 
@@ -46,7 +49,10 @@ with warnings.catch_warnings():
             self.meta = json.loads(Path(context.artifacts[_CONFIG]).read_text())
             task = get_task(str(self.meta["task"]))
             self.task = task.from_description(self.meta.get("outputs", {}))
-            cfg = TaskTrainParams(**self.meta["model"])
+            saved = self.meta["model"]  # the task's own section: keep the network's keys
+            cfg = TaskTrainParams(
+                **{k: v for k, v in saved.items() if k in TaskTrainParams.model_fields}
+            )
             self.module = build_model(self.task.name, cfg, self.task.n_outputs)
             self.module.load_state_dict(load_file(context.artifacts[_WEIGHTS], device="cpu"))
             self.module.eval()

@@ -192,7 +192,8 @@ def build_corpus(root: Path) -> dict[str, set[str]]:
     series(add("single_slice", {"no_stack"}), n=1)
     dicomdir_with_traversal(add("dicomdir_traversal", {"dicomdir"}))
     non_image(add("structured_report", {"non_image"}), "1.2.840.10008.5.1.4.1.1.88.11", "SR")
-    non_image(add("rtstruct", {"annotation_unmatched"}), "1.2.840.10008.5.1.4.1.1.481.3", "RTSTRUCT")
+    rt = "1.2.840.10008.5.1.4.1.1.481.3"
+    non_image(add("rtstruct", {"annotation_unmatched"}), rt, "RTSTRUCT")  # no reference
     non_image(add("presentation_state", {"non_image"}), "1.2.840.10008.5.1.4.1.1.11.1", "PR")
     series(add("secondary_capture", {"non_image"}), SOPClassUID="1.2.840.10008.5.1.4.1.1.7")
     p = series(add("huge_declared_length", {"unreadable", "not_dicom", "missing_tag",
