@@ -54,6 +54,7 @@ def _process_one(
         "mask": None,
         "lesion_voxels": None,
         "max_label": None,
+        "label_voxels": None,
         "image_min": round(float(img.min()), 5),
         "image_max": round(float(img.max()), 5),
         "spacing": [round(float(v), 5) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))],
@@ -69,6 +70,7 @@ def _process_one(
         result["mask"] = f"masks/{key}.nii.gz"
         result["lesion_voxels"] = int(np.count_nonzero(mask))
         result["max_label"] = int(mask.max())
+        result["label_voxels"] = np.bincount(mask.ravel())[1:].tolist()  # per structure
     return result
 
 

@@ -154,10 +154,11 @@ class Trainer:
         train_items, val_items = D.fold_items(self.processed, cfg.fold, masks, classes)
         self.train_labels = [it["y"] for it in train_items]
         dims = cfg.model.spatial_dims
+        k = self.task.n_outputs - 1  # of a task that learns label maps: its structures
+        ratios = D.structure_ratios(self.processed, cfg.fold, k, cfg.augment.positive_ratio)
         transform = training_transforms(
             cfg.augment, train=True, with_label=masks, patches=masks, spatial_dims=dims,
-            structures=max(1, self.task.n_outputs - 1),
-        )  # fmt: skip
+            ratios=ratios if masks and k > 1 else None)  # fmt: skip
         ds = D.build_dataset(train_items, transform, cfg.loader)
         generator = torch.Generator()
         weights = self.task.sample_weights(cfg.model, self.train_labels)

@@ -9,6 +9,7 @@ neighbour.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -113,9 +114,9 @@ def preprocessing_transforms(modality: str, cfg: PreprocessParams, with_label: b
 
 
 def _patch_sampler(
-    keys: list[str], patch: Any, aug: AugmentParams, structures: int
+    keys: list[str], patch: Any, aug: AugmentParams, ratios: Sequence[float] | None
 ) -> MapTransform:
-    if structures == 1:
+    if ratios is None or len(ratios) == 1:
         return RandCropByPosNegLabeld(
             keys,
             label_key=LABEL,
@@ -129,8 +130,8 @@ def _patch_sampler(
         keys,
         label_key=LABEL,
         spatial_size=patch,
-        ratios=[1.0, *([aug.positive_ratio] * structures)],
-        num_classes=structures + 1,
+        ratios=[1.0, *ratios],
+        num_classes=len(ratios) + 1,
         num_samples=aug.patches_per_volume,
         allow_smaller=True,
         warn=False,  # a structure a volume lacks is skipped, not warned about per call
@@ -144,17 +145,16 @@ def training_transforms(
     with_label: bool = True,
     patches: bool = False,
     spatial_dims: int = 3,
-    structures: int = 1,
+    ratios: Sequence[float] | None = None,
 ) -> Compose:
     """Load preprocessed volumes (and their label maps, ``with_label``); add random
     augmentation when ``train``.
 
     With ``patches`` (a task that learns from label maps: segmentation), training samples
     patches of ``aug.patch_size`` around labelled and background voxels in the ratio
-    ``aug.positive_ratio``; otherwise whole volumes are augmented. Of several
-    ``structures``, patches are centred on each structure equally often (each at
-    ``aug.positive_ratio`` to the background's 1), so a small lesion is as often in a
-    patch as the body around it.
+    ``aug.positive_ratio``; otherwise whole volumes are augmented. Of several structures,
+    patches are centred on structure k in the ratio ``ratios[k]`` to the background's 1
+    (:func:`~medimg.data.datasets.structure_ratios`: small structures more often).
 
     ``spatial_dims=2`` (a 2D model on axial slices): with ``patches``,
     ``aug.patches_per_volume`` axial slices are sampled per volume, each an in-plane patch
@@ -176,7 +176,7 @@ def training_transforms(
     slices = spatial_dims == 2 and patches
     if patches:
         patch = (*aug.patch_size[:2], 1) if slices else aug.patch_size
-        chain.append(_patch_sampler(keys, patch, aug, structures))
+        chain.append(_patch_sampler(keys, patch, aug, ratios))
     if slices:
         chain.append(SqueezeDimd(keys, dim=3))  # (1, R, A, 1) -> (1, R, A)
     rad = float(np.deg2rad(aug.rotate_deg))

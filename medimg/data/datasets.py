@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, ThreadDataLoader
@@ -129,6 +130,25 @@ def build_loader(
     if prefetch:
         return ThreadDataLoader(dataset, num_workers=0, **common)
     return DataLoader(dataset, num_workers=0, **common)
+
+
+def structure_ratios(
+    processed: Path, fold: int, n_structures: int, positive_ratio: float
+) -> list[float]:
+    """Patch-centre ratios of the structures 1..K (the background's is 1): each in inverse
+    proportion to the square root of its share of the training folds' labelled voxels,
+    scaled to a mean of ``positive_ratio``, so a lesion of 1 % of a volume is centred on
+    about 7 times as often as a body of 50 %, and no structure is left out."""
+    table = pd.read_parquet(processed / "manifest.parquet")
+    train = table[(table["split"] != "test") & (table["split"] != str(fold))]
+    counts = np.zeros(n_structures)
+    for voxels in train.get("label_voxels", pd.Series(dtype=object)).dropna():
+        v = np.asarray(voxels, dtype=float)[:n_structures]
+        counts[: len(v)] += v
+    if not (counts > 0).any():
+        return [positive_ratio] * n_structures
+    weights = np.where(counts > 0, np.sqrt(counts.max() / np.maximum(counts, 1.0)), 0.0)
+    return (weights * positive_ratio / weights[counts > 0].mean()).round(6).tolist()
 
 
 def training_sampler(

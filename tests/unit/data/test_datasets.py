@@ -1,10 +1,20 @@
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
+import pytest
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
 from medimg.config import AugmentParams, LoaderParams
-from medimg.data.datasets import build_dataset, build_loader, cache_capacity, items
+from medimg.data.datasets import (
+    build_dataset,
+    build_loader,
+    cache_capacity,
+    items,
+    structure_ratios,
+)
 from medimg.transforms import training_transforms
 from tests.helpers import Processed
 
@@ -28,3 +38,20 @@ def test_cache_respects_memory_budget(tiny_processed: Processed, tmp_path) -> No
     batch = next(iter(loader))
     assert tuple(batch["image"].shape) == (4, 1, 64, 48, 48)
     assert set(batch["y"].tolist()) <= {0.0, 1.0}
+
+
+def test_small_structures_are_patch_centres_more_often(tmp_path: Path) -> None:
+    table = pd.DataFrame(
+        {
+            "split": ["0", "1", "1", "test"],
+            # body, liver, lesion voxels per volume; fold 1 trains, the test set never does
+            "label_voxels": [[4000, 400, 40], [5000, 500, 0], [3000, 300, 60], [1, 1, 10**6]],
+        }
+    )
+    table.to_parquet(tmp_path / "manifest.parquet")
+    ratios = structure_ratios(tmp_path, 0, 3, positive_ratio=1.0)
+    shares = np.array([8000, 800, 60], dtype=float)  # the training folds' (1) counts
+    expected = np.sqrt(shares.max() / shares)
+    assert ratios == pytest.approx(list(expected / expected.mean()), rel=1e-5)
+    assert ratios[2] > ratios[1] > ratios[0] and np.mean(ratios) == pytest.approx(1.0)
+    assert structure_ratios(tmp_path, 0, 4, 2.0)[3] == 0.0  # a structure never labelled
