@@ -54,7 +54,7 @@ def ingest_paths(params: Params, root: Path = Path(".")) -> IngestPaths:
         out=project_path(root, d.interim),
         labels=project_path(root, d.labels),
         masks=project_path(root, d.masks),
-        classes=params.train.classify.classes,
+        classes=getattr(params.train.classify, "classes", None),  # a TaskTrainParams has none
     )
 
 

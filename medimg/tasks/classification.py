@@ -46,7 +46,8 @@ class Classification(TaskSpec):
 
     # -- configuration --------------------------------------------------------------
     def configure(self, params: Params, classes: Sequence[str] | None = None) -> TaskSpec:
-        names = params.train.classify.classes or (tuple(classes) if classes else BINARY)
+        given = getattr(params.train.classify, "classes", None)  # a TaskTrainParams has none
+        names = given or (tuple(classes) if classes else BINARY)
         return replace(self, labels=tuple(names))
 
     def for_cases(self, cases: pd.DataFrame) -> TaskSpec:

@@ -51,7 +51,7 @@ class Segmentation(TaskSpec):
             self,
             labels=tuple(s.name for s in params.structures),
             structures=tuple(params.structures),
-            tolerance_mm=params.train.segment.nsd_tolerance_mm,
+            tolerance_mm=getattr(params.train.segment, "nsd_tolerance_mm", self.tolerance_mm),
         )
 
     @property
