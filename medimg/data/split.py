@@ -42,11 +42,14 @@ def split_summary(
     patient_labels: Mapping[str, int],
     series_per_patient: Mapping[str, int],
 ) -> dict[str, dict[str, int]]:
-    """Patients, positive patients and series in each split."""
+    """Patients, positive patients (a class other than the first, 0) and series in each
+    split, and its patients per class index (``class_<index>``)."""
     out: dict[str, dict[str, int]] = {}
     for patient, split in splits.items():
         s = out.setdefault(split, {"patients": 0, "positive_patients": 0, "series": 0})
         s["patients"] += 1
-        s["positive_patients"] += int(patient_labels[patient] == 1)
+        s["positive_patients"] += int(patient_labels[patient] != 0)
         s["series"] += series_per_patient.get(patient, 0)
-    return dict(sorted(out.items()))
+        name = f"class_{int(patient_labels[patient])}"
+        s[name] = s.get(name, 0) + 1
+    return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}

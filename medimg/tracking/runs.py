@@ -99,7 +99,8 @@ def _split_summary(manifest: pd.DataFrame) -> dict[str, Any]:
         str(split): {
             "patients": int(frame["patient"].nunique()),
             "series": len(frame),
-            "positive_series": int(frame["label"].sum()),
+            "positive_series": int((frame["label"] != 0).sum()),  # a class other than 0
+            "series_by_class": {str(k): int(v) for k, v in frame["label"].value_counts().items()},
             "modalities": {str(k): int(v) for k, v in frame["modality"].value_counts().items()},
             "vendors": {str(k): int(v) for k, v in frame["vendor"].value_counts().items()},
         }
