@@ -68,9 +68,10 @@ def label_map(
         mask = np.argmax(channels, axis=0).astype(np.uint8)
         res.probability = round(float(channels[1:].max()), 6)
     voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
-    res.lesion_voxels = int(np.count_nonzero(mask))
-    res.lesion_ml = round(res.lesion_voxels * voxel_ml, 3)
-    res.label = int(res.lesion_voxels > 0)
+    if len(spec.labels) == 1:  # one lesion: its voxels, volume and whether there is one
+        res.lesion_voxels = int(np.count_nonzero(mask))
+        res.lesion_ml = round(res.lesion_voxels * voxel_ml, 3)
+        res.label = int(res.lesion_voxels > 0)
     res.extra = {
         f"volume_ml_{name}": round(int((mask == i).sum()) * voxel_ml, 3)
         for i, name in enumerate(spec.labels, start=1)

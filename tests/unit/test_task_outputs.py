@@ -209,4 +209,5 @@ def test_prediction_rows_carry_every_class_and_structure() -> None:
     assert np.array_equal(got, truth)
     assert out.extra["volume_ml_lesion"] == pytest.approx(8 * 8 / 1000)
     assert set(out.extra) == {"volume_ml_body", "volume_ml_liver", "volume_ml_lesion"}
+    assert out.label is None and out.lesion_voxels is None  # no one "lesion" of several
     assert SEGMENT.labels == ("lesion",)
