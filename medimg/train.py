@@ -152,13 +152,13 @@ class Trainer:
         cfg, masks = self.config, self.task.with_masks
         classes = self.task.training_classes()
         train_items, val_items = D.fold_items(self.processed, cfg.fold, masks, classes)
-        self.train_labels = [it["y"] for it in train_items]
-        dims = cfg.model.spatial_dims
+        self.train_labels, dims = [it["y"] for it in train_items], cfg.model.spatial_dims
         k = self.task.n_outputs - 1  # of a task that learns label maps: its structures
-        ratios = D.structure_ratios(self.processed, cfg.fold, k, cfg.augment.positive_ratio)
+        ratio = cfg.augment.positive_ratio
+        ratios = D.structure_ratios(self.processed, cfg.fold, k, ratio) if masks and k > 1 else None
         transform = training_transforms(
             cfg.augment, train=True, with_label=masks, patches=masks, spatial_dims=dims,
-            ratios=ratios if masks and k > 1 else None)  # fmt: skip
+            ratios=ratios)  # fmt: skip
         ds = D.build_dataset(train_items, transform, cfg.loader)
         generator = torch.Generator()
         weights = self.task.sample_weights(cfg.model, self.train_labels)

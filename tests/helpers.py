@@ -437,3 +437,28 @@ def dicom_problems(path: Path) -> list[str]:
                 problems.append(f"highdicom: {module['key']}: {e}")
     problems += [f"dciodvfy: {line}" for line in dciodvfy_errors(path)]
     return problems
+
+
+def generated_series(root: Path) -> list[tuple[str, list, tuple, object]]:
+    """Every series of the tiny cohort written under ``root`` (every plane, ascending and
+    descending): (its plane and direction, its source images, its volume shape and RAS
+    affine), for round trips through SEG and RTSTRUCT."""
+    import csv
+
+    from medimg.dicom.discover import discover
+    from medimg.dicom.geometry import ras_affine
+    from medimg.dicom.seg import read_sources
+    from medimg.dicom.series import GeometryTolerance, assemble
+
+    cohort = write_cohort(root)
+    with cohort.truth.open() as f:
+        planes = {
+            r["series_uid"]: f"{r['orientation']}-{r['descending']}" for r in csv.DictReader(f)
+        }
+    stacks, _ = assemble(discover(cohort.raw).instances, GeometryTolerance())
+    out = []
+    for stack in stacks:
+        sources = read_sources([s.path for s in stack.slices])
+        shape = (int(sources[0].Columns), int(sources[0].Rows), len(stack.slices))
+        out.append((planes[stack.series_uid], sources, shape, ras_affine(stack.lps_affine())))
+    return out

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from medimg.config import Params, TrackingParams
 from medimg.errors import TrackingError
 from medimg.io import atomic_write_text
+from medimg.report import metric_rows
 from medimg.tracking.lineage import flatten, lineage_tags, test_set_digest
 from medimg.tracking.pyfunc import log_model
 from medimg.tracking.store import configure, experiment_id, retrying
@@ -286,20 +287,12 @@ def metric_values(result: Mapping[str, Any]) -> dict[str, float]:
     ``test_auroc``, ``test_auroc_ci_lower``, ``test_auroc_ci_upper``...; per class or
     structure too: ``test_liver_dice``, ``test_cyst_auroc``..."""
     out: dict[str, float] = {}
-    blocks = [("", result.get("metrics") or {})]
-    for section in ("per_class", "per_structure"):
-        for owner, block in (result.get(section) or {}).items():
-            blocks.append((re.sub(r"[^A-Za-z0-9_.-]", "_", str(owner)) + "_", block))
-    for prefix, block in blocks:
-        for name, m in block.items():
-            if not isinstance(m, Mapping):
-                continue
-            for field, suffix in (
-                ("value", ""), ("ci_lower", "_ci_lower"), ("ci_upper", "_ci_upper")
-            ):  # fmt: skip
-                v = m.get(field)
-                if v is not None and math.isfinite(v):
-                    out[f"test_{prefix}{name}{suffix}"] = float(v)
+    for owner, name, m in metric_rows(dict(result)):
+        prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", owner) + "_" if owner else ""
+        for field, suffix in (("value", ""), ("ci_lower", "_ci_lower"), ("ci_upper", "_ci_upper")):
+            v = m.get(field)
+            if v is not None and math.isfinite(v):
+                out[f"test_{prefix}{name}{suffix}"] = float(v)
     for key in ("n_test_patients", "n_test_series"):
         if key in result:
             out[key] = float(result[key])

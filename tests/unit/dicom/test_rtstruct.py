@@ -3,7 +3,6 @@ back into exactly the same label map on every plane the generator writes."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +11,9 @@ import pytest
 
 from medimg.config import LESION, CodeParams, StructureParams
 from medimg.dicom.annotations import rasterise, read_annotation, structure_labels
-from medimg.dicom.geometry import ras_affine
 from medimg.dicom.rtstruct import plane_outlines, write_rtstruct
-from medimg.dicom.seg import read_sources
 from medimg.errors import DicomError
-from tests.helpers import dicom_problems, write_cohort
+from tests.helpers import dicom_problems, generated_series
 
 ANATOMY = CodeParams(value="91723000", meaning="Anatomical Structure")
 BODY = CodeParams(value="123037004", meaning="Body structure")
@@ -48,21 +45,7 @@ def generated(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> list[tuple[str, list, tuple, np.ndarray]]:
     """Every series of the tiny cohort: (plane-direction, sources, shape, RAS affine)."""
-    from medimg.dicom.discover import discover
-    from medimg.dicom.series import GeometryTolerance, assemble
-
-    cohort = write_cohort(tmp_path_factory.mktemp("rt_cohort"))
-    with cohort.truth.open() as f:
-        planes = {
-            r["series_uid"]: f"{r['orientation']}-{r['descending']}" for r in csv.DictReader(f)
-        }
-    stacks, _ = assemble(discover(cohort.raw).instances, GeometryTolerance())
-    out = []
-    for stack in stacks:
-        sources = read_sources([s.path for s in stack.slices])
-        shape = (int(sources[0].Columns), int(sources[0].Rows), len(stack.slices))
-        out.append((planes[stack.series_uid], sources, shape, ras_affine(stack.lps_affine())))
-    return out
+    return generated_series(tmp_path_factory.mktemp("rt_cohort"))
 
 
 def test_outlines_fill_back_exactly_holes_and_blobs() -> None:

@@ -26,7 +26,7 @@ from medimg.dicom.seg import (
     write_seg,
 )
 from medimg.errors import DicomError
-from tests.helpers import make_series, write_cohort
+from tests.helpers import generated_series, make_series
 
 INFO = SegInfo("medimg lesion (test v1)", "medimg-test", "1")
 
@@ -152,25 +152,8 @@ def three_structures(shape: tuple[int, ...]) -> np.ndarray:
 def generated(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> list[tuple[str, list, tuple, np.ndarray]]:
-    """Every series of the tiny generated cohort (every plane, ascending and descending):
-    (its plane and direction, its source images, its volume shape and RAS affine)."""
-    import csv
-
-    from medimg.dicom.discover import discover
-    from medimg.dicom.series import GeometryTolerance, assemble
-
-    cohort = write_cohort(tmp_path_factory.mktemp("seg_cohort"))
-    with cohort.truth.open() as f:
-        planes = {
-            r["series_uid"]: f"{r['orientation']}-{r['descending']}" for r in csv.DictReader(f)
-        }
-    stacks, _ = assemble(discover(cohort.raw).instances, GeometryTolerance())
-    out = []
-    for stack in stacks:
-        sources = read_sources([s.path for s in stack.slices])
-        shape = (int(sources[0].Columns), int(sources[0].Rows), len(stack.slices))
-        out.append((planes[stack.series_uid], sources, shape, ras_affine(stack.lps_affine())))
-    return out
+    """Every series of the tiny cohort: (plane-direction, sources, shape, RAS affine)."""
+    return generated_series(tmp_path_factory.mktemp("seg_cohort"))
 
 
 def test_generated_series_cover_every_plane_both_ways(generated) -> None:
