@@ -112,6 +112,9 @@ class ClassifyParams(TaskTrainParams):
     # Two classes train one logit (sigmoid); more, one logit per class (softmax).
     balance: Literal["none", "weights", "sampler"] = "none"  # class imbalance: weights:
     # loss weighted by inverse class frequency; sampler: classes drawn equally often
+    pooling: Literal["avg", "max"] = "avg"  # 3D: global pooling of the last feature map;
+    # max asks "is a lesion anywhere", avg dilutes a small one by the volume (no weights:
+    # pretrained files load either way). 2D bags of slices keep their top-k mean.
 
     @field_validator("classes")
     @classmethod

@@ -85,7 +85,7 @@ def build_classifier(cfg: TaskTrainParams, in_channels: int = 1, outputs: int = 
     from monai.networks.nets import resnet
 
     factory = getattr(resnet, cfg.arch)
-    return factory(
+    model = factory(
         spatial_dims=cfg.spatial_dims,
         n_input_channels=in_channels,
         num_classes=outputs,
@@ -95,3 +95,6 @@ def build_classifier(cfg: TaskTrainParams, in_channels: int = 1, outputs: int = 
         # projections (B); matching them lets its checkpoints load completely.
         shortcut_type="B" if cfg.arch == "resnet50" else "A",
     )
+    if getattr(cfg, "pooling", "avg") == "max":  # ClassifyParams.pooling
+        model.avgpool = nn.AdaptiveMaxPool3d(1)  # the name MONAI's forward calls
+    return model
