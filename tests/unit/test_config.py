@@ -20,11 +20,14 @@ def test_repo_params_file_is_valid_and_matches_defaults() -> None:
     # from the code's binary, one-structure defaults in these keys only.
     loaded = load_params(REPO / "params.yaml")
     demo = {
-        "synth": {"positive_fraction": 0.66, "lesion_kinds": ["cyst", "solid"],
-                  "labels": "kind", "lesion_contrast_hu": 90.0, "seg_fraction": 0.33,
-                  "rtstruct_fraction": 0.33},
-        "train": {"classify": {"classes": ["none", "cyst", "solid"]},
-                  "segment": {"nsd_tolerance_mm": 6.0}},
+        "synth": {"n_patients": 120, "positive_fraction": 0.66,
+                  "lesion_kinds": ["cyst", "solid"], "labels": "kind",
+                  "lesion_contrast_hu": 90.0, "seg_fraction": 0.33, "rtstruct_fraction": 0.33},
+        "augment": {"flip_prob": 0.0},
+        "train": {"classify": {"classes": ["none", "cyst", "solid"], "arch": "resnet10",
+                               "pooling": "max", "pretrained": "none", "lr": 0.0002,
+                               "freeze_encoder_epochs": 0, "head_lr_mult": 1.0, "epochs": 24},
+                  "segment": {"nsd_tolerance_mm": 6.0, "epochs": 12}},
         "structures": [s.model_dump(mode="json") for s in loaded.structures],
     }  # fmt: skip
     assert [s.name for s in loaded.structures] == ["body", "lung", "liver", "spine", "lesion"]
