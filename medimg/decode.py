@@ -27,13 +27,16 @@ def to_original_grid(
     return np.asarray(out.dataobj, dtype=np.float32)
 
 
-def diagnosis(res: SeriesResult, result: Any, labels: tuple[str, ...], threshold: float) -> None:
+def diagnosis(
+    res: SeriesResult, result: Any, labels: tuple[str, ...], threshold: float | None
+) -> None:
     """A diagnosis' columns: the probability of each class and the predicted class (the
-    validation-chosen threshold for two classes, argmax for more)."""
+    validation-chosen threshold for two classes, argmax for more, where ``threshold`` is
+    None)."""
     names = labels
     if isinstance(result, float):
         res.probability = round(result, 6)
-        res.label = int(result >= threshold)
+        res.label = int(result >= (0.5 if threshold is None else threshold))
         res.extra = {
             f"probability_{names[0]}": round(1 - result, 6),
             f"probability_{names[1]}": res.probability,

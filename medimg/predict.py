@@ -105,7 +105,8 @@ class Predictor:
     name: str  # registered name (or the URI for runs:/ models)
     version: str  # registered version (or the run id)
     run_id: str
-    threshold: float = 0.5  # classification cut, from the model's evaluation
+    threshold: float | None = None  # binary classification cut, from the model's
+    # evaluation; None for a task that has none (N classes: argmax; segmentation)
     device: Any = None  # torch.device
     spec: Any = None  # the TaskSpec with the model's outputs (classes or structures)
 
@@ -132,9 +133,9 @@ def load_predictor(uri: str, client: Any, device: str = "auto") -> Predictor:
     name, version = found if found else (uri, run_id)
     spec = get_task(str(meta["task"])).from_description(meta.get("outputs", {}))
     task = spec.name
-    threshold = (
-        tracking.decision_threshold(client, run_id) if spec.has_threshold and run_id else 0.5
-    )
+    threshold = None
+    if spec.has_threshold:
+        threshold = tracking.decision_threshold(client, run_id) if run_id else 0.5
     dev = resolve_device(device)
     module = bundle.module.to(dev).eval()
     return Predictor(
@@ -365,7 +366,7 @@ def _row(r: SeriesResult, predictor: Predictor) -> dict[str, Any]:
         "probability": r.probability,
         "label": r.label,
         "predicted": r.predicted,
-        "threshold": predictor.threshold,  # 0.5 for a task without one
+        "threshold": predictor.threshold,  # empty for a task without one
         "lesion_voxels": r.lesion_voxels,
         "lesion_ml": r.lesion_ml,
         "model": predictor.name,

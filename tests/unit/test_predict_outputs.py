@@ -83,6 +83,7 @@ def test_predictions_csv_has_a_volume_per_structure(predicted: dict) -> None:
     assert rows and all(r["status"] == "predicted" for r in rows)
     for r in rows:
         assert float(r["volume_ml_body"]) > float(r["volume_ml_lesion"]) > 0
+        assert r["threshold"] == ""
 
 
 def test_predictions_csv_has_a_probability_per_class_and_the_class(predicted: dict) -> None:
@@ -93,4 +94,5 @@ def test_predictions_csv_has_a_probability_per_class_and_the_class(predicted: di
         assert sum(probs) == pytest.approx(1.0, abs=1e-5)
         assert r["predicted"] == CLASSES[int(np.argmax(probs))] == CLASSES[int(r["label"])]
         assert r["predicted"] != "none"  # every patient of the cohort has a lesion
+        assert r["threshold"] == ""  # argmax: no threshold to report
     assert {r["predicted"] for r in rows} <= {"small", "large"}
