@@ -99,8 +99,9 @@ class ClassifyParams(TaskTrainParams):
     """``train.classify``: the diagnosis model. Keys a params file leaves out keep these
     defaults, not the generic ones of :class:`TaskTrainParams`.
 
-    The demo segments first, then starts the classifier from the segmenter's encoder:
-    dense lesion supervision is the "related task" pretraining a CPU can afford.
+    By default the classifier starts from the segmenter's encoder (train segment first):
+    dense lesion supervision is the "related task" pretraining a CPU can afford. The
+    demo's params train it from scratch instead (docs/performance.md).
     """
 
     pretrained: str = "models/segment/model.pt"  # see TaskTrainParams.pretrained

@@ -52,8 +52,8 @@ SEGMENT = Segmentation(
     slices="on axial slices, predicted slice by slice",
 )
 
-# every task, in the order the pipeline runs them (the classifier starts from the
-# segmenter's encoder in the demo)
+# every task, in the order the pipeline runs them (the classifier may start from the
+# segmenter's encoder: train.classify.pretrained)
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (SEGMENT, CLASSIFY)}
 
 
