@@ -26,6 +26,8 @@ install: $(STAMP)
 # environment is what every MLflow run and model card then compares the installed versions with.
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { echo \
+	    "$(LOCK) is for CPython 3.11: rm -r $(VENV), then make install PYTHON=python3.11"; exit 1; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 ifeq ($(TORCH),torch==$(TORCH_VERSION))
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r $(LOCK)
@@ -48,18 +50,22 @@ endif
 LOCK_UPGRADE ?= --upgrade
 TORCH_CPU_WHEELS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
 UV_COMPILE = $(BIN)/uv pip compile --quiet pyproject.toml - --extra dev --generate-hashes \
-	--python-version 3.11 --python-platform x86_64-manylinux_2_28 $(LOCK_UPGRADE)
+	--python-version 3.11 --python-platform x86_64-manylinux_2_28
 lock: $(STAMP)
-	echo "torch==$(TORCH_VERSION)+cpu" | $(UV_COMPILE) --find-links $(TORCH_CPU_WHEELS) \
-	    --custom-compile-command "make lock" -o requirements/cpu.lock
+	echo "torch==$(TORCH_VERSION)+cpu" | $(UV_COMPILE) $(LOCK_UPGRADE) \
+	    --find-links $(TORCH_CPU_WHEELS) --custom-compile-command "make lock" -o requirements/cpu.lock
 
-# `make lock-cuda`: the same for a CUDA build of torch, into requirements/cuda.lock; then
-# `make install LOCK=requirements/cuda.lock`. It needs a machine that reaches CUDA_WHEELS.
+# `make lock-cuda`: requirements/cuda.lock, with a CUDA build of torch and its CUDA libraries
+# and everything else as requirements/cpu.lock has it (uv keeps the pins of the file it
+# rewrites, where they fit); then `make install LOCK=requirements/cuda.lock`. It needs a
+# machine that reaches CUDA_WHEELS (docs/installation.md).
 CUDA_TORCH ?= $(TORCH_VERSION)+cu128
 CUDA_WHEELS ?= https://download.pytorch.org/whl/cu128/torch/
 lock-cuda: $(STAMP)
+	cp requirements/cpu.lock $(VENV)/cuda.lock
 	echo "torch==$(CUDA_TORCH)" | $(UV_COMPILE) $(if $(CUDA_WHEELS),--find-links $(CUDA_WHEELS)) \
-	    --custom-compile-command "make lock-cuda" -o requirements/cuda.lock
+	    --custom-compile-command "make lock-cuda" -o $(VENV)/cuda.lock
+	mv $(VENV)/cuda.lock requirements/cuda.lock
 
 # The demo's data is synthetic, so its pseudonym key may be public: that makes the demo's
 # keys, splits and metrics the same on every machine. Real data gets a secret .medimg-salt.
