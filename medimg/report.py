@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from medimg.config import PredictParams, TaskTrainParams
 from medimg.io import atomic_path, atomic_write_text
+from medimg.versions import NO_LOCK
 
 DPI = 100
 TILE_INCHES = 2.0
@@ -276,5 +277,14 @@ def _environment(env: dict[str, str]) -> str:
     )
     return (
         f"{mode}; ran {env.get('cpu_capability', '?')} kernels on {env.get('threads', '?')}"
-        f" threads, {env.get('machine', '?')}; {versions}."
+        f" threads, {env.get('machine', '?')}; {versions}. {_lock(env)}"
     )
+
+
+def _lock(env: dict[str, str]) -> str:
+    """What the card says of the lock the environment was installed from."""
+    digest, drift = env.get("lock.sha256", NO_LOCK), env.get("lock.drift", "")
+    if digest == NO_LOCK:
+        return "Not installed from a lock (docs/installation.md)."
+    same = "every locked package at its locked version" if drift == "none" else f"except {drift}"
+    return f"Installed from the lock with sha256 `{digest}`, {same}."

@@ -10,12 +10,12 @@ import os
 import platform
 import random
 import sys
-from importlib.metadata import version
 
 import numpy as np
 import torch
 
 from medimg.errors import ConfigError
+from medimg.versions import environment_versions
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,20 +111,18 @@ def pin_reproducible(threads: int) -> dict[str, str]:
 
 def environment(reproducible: bool) -> dict[str, str]:
     """What decides a run's numbers besides its inputs: the pinning, the instruction set
-    PyTorch runs, the thread count, the machine and the installed versions."""
+    PyTorch runs, the thread count, the machine, the installed versions and the lock they
+    came from (:func:`medimg.versions.environment_versions`)."""
     record = {
         "reproducible": str(reproducible).lower(),
         "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
         "threads": str(torch.get_num_threads()),
         "deterministic": str(torch.are_deterministic_algorithms_enabled()).lower(),
         "machine": f"{platform.machine()} {_cpu_model()}".strip(),
-        "python": platform.python_version(),
     }
     for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR"):
         record[name.lower()] = os.environ.get(name, "")
-    for package in ("torch", "monai", "numpy", "medimg"):
-        record[f"version.{package}"] = version(package)
-    return record
+    return record | environment_versions()
 
 
 def _cpu_model() -> str:

@@ -30,6 +30,7 @@ from medimg.report import metric_rows
 from medimg.tracking.lineage import flatten, lineage_tags, test_set_digest
 from medimg.tracking.pyfunc import log_model
 from medimg.tracking.store import configure, experiment_id, retrying
+from medimg.versions import environment_versions
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class TrainRun:
         manifest = pd.read_parquet(self.processed / "manifest.parquet")
         tags = {"medimg.stage": "train", "medimg.task": self.task}
         tags.update(lineage_tags(self.params, self.root, self.processed))
+        tags.update(environment_tags())  # from the start: a run that dies keeps them too
 
         def describe() -> None:
             from mlflow.entities import DatasetInput, InputTag, Param, RunTag
@@ -255,6 +257,24 @@ class TrainRun:
                 log.warning("MLflow: could not mark run %s failed (%s)", self.run_id, err)
 
 
+def environment_tags() -> dict[str, str]:
+    """The installed versions and the lock they came from, as ``medimg.env.*`` tags:
+    ``medimg.env.version.torch``, ``medimg.env.lock.sha256``, ``medimg.env.lock.drift``."""
+    return {f"medimg.env.{k}": v for k, v in environment_versions().items()}
+
+
+def _evaluation_environment(client: MlflowClient, run_id: str, new: bool) -> dict[str, str]:
+    """A run of its own gets the environment tags; the training run gets, as
+    ``medimg.evaluate.env.*``, those of the evaluating environment that differ from what
+    training recorded (its test metrics came from this one)."""
+    env = environment_tags()
+    if new:
+        return env
+    trained = client.get_run(run_id).data.tags
+    prefix = "medimg.evaluate.env."
+    return {prefix + k.split(".", 2)[2]: v for k, v in env.items() if trained.get(k) != v}
+
+
 def _read_run_file(model_dir: Path) -> dict[str, Any] | None:
     path = model_dir / RUN_FILE
     if not path.is_file():
@@ -315,7 +335,8 @@ def log_evaluation(
     cfg = params.tracking
     record = _read_run_file(model_dir)
     run_id = record["run_id"] if record else ""
-    if not run_id:
+    new = not run_id
+    if new:
         exp = retrying(
             cfg, "opening the experiment", lambda: experiment_id(client, params, task, root)
         )
@@ -332,6 +353,7 @@ def log_evaluation(
             "medimg.test_set": test_set_digest(manifest),
             "medimg.ci": str(result.get("ci", "")),
         }
+        tags.update(_evaluation_environment(client, run_id, new))
         client.log_batch(run_id, metrics=values, tags=[RunTag(k, v) for k, v in tags.items()])
         _artifact(client, run_id, metrics_file)
         if plots_dir.is_dir():

@@ -13,6 +13,7 @@ import torch
 
 from medimg.errors import ConfigError
 from medimg.runtime import distributed, resolve_device, seed_everything
+from medimg.versions import PACKAGES, environment_versions
 
 
 def test_device_auto_and_a_missing_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,3 +107,6 @@ def test_the_environment_record_says_what_was_pinned() -> None:
     assert (record["cpu_capability"], record["threads"]) == ("AVX2", "3")
     assert (record["aten_cpu_capability"], record["onednn_max_cpu_isa"]) == ("avx2", "AVX2")
     assert record["version.torch"].startswith("2.")
+    # and the installed versions with the lock they came from, as this environment has them
+    versions = {k: v for k, v in record.items() if k.startswith(("version.", "lock."))}
+    assert versions == environment_versions() and len(versions) == len(PACKAGES) + 3

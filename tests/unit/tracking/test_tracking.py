@@ -364,3 +364,67 @@ def test_pipeline_report_links_runs_in_the_mlflow_ui(
         "[01234567](http://mlflow.lan:5000/#/experiments/7/runs/0123456789abcdef)"
     )
     assert _run_link(params, tmp_path, "segment") == "-"  # no run yet
+
+
+def _tiny_project(tmp_path: Path) -> tuple[Path, Path]:
+    """A processed folder with a manifest of four series, and an empty ingest folder."""
+    processed, interim = tmp_path / "processed", tmp_path / "interim"
+    processed.mkdir()
+    interim.mkdir()
+    manifest = pd.DataFrame(
+        {
+            "key": ["a", "b", "c", "d"],
+            "patient": ["p1", "p2", "p3", "p4"],
+            "modality": ["CT", "CT", "MR", "CT"],
+            "vendor": ["X"] * 4,
+            "plane": ["axial"] * 4,
+            "label": [0, 1, 0, 1],
+            "split": ["0", "1", "test", "test"],
+        }
+    )
+    manifest.to_parquet(processed / "manifest.parquet")
+    return processed, interim
+
+
+def test_every_run_records_the_installed_versions_and_the_lock(tmp_path: Path) -> None:
+    """The training run has them from its start (a run that dies keeps them), a run of
+    evaluation alone has them, and an evaluation in another environment than training
+    says what differed."""
+    from importlib.metadata import version
+
+    from medimg.tracking.runs import environment_tags
+    from medimg.versions import PACKAGES, environment_versions
+
+    params = _params(tmp_path)
+    processed, interim = _tiny_project(tmp_path)
+    env = environment_tags()
+    assert env == {f"medimg.env.{k}": v for k, v in environment_versions().items()}
+    assert {f"medimg.env.version.{name}" for name in PACKAGES} < set(env)
+    assert {"medimg.env.lock.sha256", "medimg.env.lock.drift"} < set(env)
+
+    run = tracking.TrainRun(params, "classify", tmp_path, processed, interim, tmp_path / "m")
+    run.start()
+    run.fail()
+    client = tracking.configure(params, tmp_path)
+    trained = client.get_run(run.run_id)
+    assert trained.info.status == "FAILED"
+    assert {k: trained.data.tags[k] for k in env} == env
+    for name in ("torch", "monai", "numpy", "mlflow", "pydicom", "scikit-image", "dvc"):
+        assert trained.data.tags[f"medimg.env.version.{name}"] == version(name)
+
+    # trained elsewhere: that environment had another numpy
+    client.set_tag(run.run_id, "medimg.env.version.numpy", "1.0")
+    result = {"metrics": {}, "n_test_patients": 2, "ci": "95%"}
+    args = (processed, result, tmp_path / "none.json", tmp_path / "no-plots")
+    same = tracking.log_evaluation(params, "classify", tmp_path, tmp_path / "m", *args)
+    assert same == run.run_id
+    tags = client.get_run(same).data.tags
+    assert {k: v for k, v in tags.items() if k.startswith("medimg.evaluate.env.")} == {
+        "medimg.evaluate.env.version.numpy": version("numpy")
+    }
+    assert tags["medimg.env.version.numpy"] == "1.0"  # what training had stays
+
+    alone = tracking.log_evaluation(params, "classify", tmp_path, tmp_path / "untracked", *args)
+    assert alone != run.run_id
+    tags = client.get_run(alone).data.tags
+    assert {k: tags[k] for k in env} == env
