@@ -12,6 +12,7 @@ from medimg.config import TaskTrainParams
 from medimg.report import write_model_card
 from medimg.tasks import TASKS
 from medimg.train import TrainResult
+from tests.helpers import write_lock
 
 
 def _card(tmp_path: Path, environment: dict[str, str]) -> str:
@@ -33,16 +34,9 @@ def _card(tmp_path: Path, environment: dict[str, str]) -> str:
     return path.read_text()
 
 
-def _lock(path: Path, pins: dict[str, str]) -> Path:
-    path.write_text(
-        "".join(f"{n}=={v} \\\n    --hash=sha256:{'1' * 64}\n" for n, v in pins.items())
-    )
-    return path
-
-
 def test_the_card_names_the_installed_versions_and_the_lock(tmp_path: Path) -> None:
     installed = versions.installed_distributions()
-    lock = _lock(tmp_path / "cpu.lock", {"numpy": version("numpy"), "monai": version("monai")})
+    lock = write_lock(tmp_path / "cpu.lock", {"numpy": version("numpy"), "monai": version("monai")})
     env = runtime.environment(False) | versions.lock_record(lock, installed)
     card = _card(tmp_path, env)
     (section,) = [line for line in card.splitlines() if line.startswith("**Environment.**")]
@@ -52,7 +46,7 @@ def test_the_card_names_the_installed_versions_and_the_lock(tmp_path: Path) -> N
     digest = env["lock.sha256"]
     assert f"Installed from the lock with sha256 `{digest}`, every locked package at its" in section
 
-    drifted = _lock(tmp_path / "old.lock", {"mlflow": "0.0.1"})
+    drifted = write_lock(tmp_path / "old.lock", {"mlflow": "0.0.1"})
     env = runtime.environment(False) | versions.lock_record(drifted, installed)
     assert f"except mlflow {version('mlflow')} (lock 0.0.1)." in _card(tmp_path, env)
     env = runtime.environment(False) | versions.lock_record(None, installed)
