@@ -171,21 +171,31 @@ TASK_OPTION = typer.Option(..., "--task", "-t", help="classify or segment.")
 @app.command()
 def train(
     task: str = TASK_OPTION,
-    resume: bool = typer.Option(False, help="Continue from models/<task>/checkpoint.pt."),
+    fold: int | None = typer.Option(
+        None, help="The validation fold (default train.fold); with train.folds: one of them."
+    ),
+    resume: bool = typer.Option(False, help="Continue from the model folder's checkpoint.pt."),
     params_file: Path = PARAMS_OPTION,
 ) -> None:
-    """Fine-tune a pretrained ResNet (classify) or ResNet-encoder U-Net (segment)."""
+    """Fine-tune a pretrained ResNet (classify) or ResNet-encoder U-Net (segment); with
+    train.folds set, one model per fold (all of them unless --fold is given)."""
     from medimg import stages
     from medimg.tasks import get_task
 
     params = _load(params_file)
-    with _user_errors():
-        result = stages.train(params, task, resume=resume)
+    folds = params.cv_folds()
+    todo = [fold] if folds is None or fold is not None else folds
     metric = get_task(task).val_metric_title
-    typer.echo(
-        f"{task}: best validation {metric} {result.best_metric:.3f} at epoch {result.best_epoch} "
-        f"of {result.epochs_run}; weights in {params.data.models / task}/model.pt"
-    )
+    for k in todo:
+        with _user_errors():
+            result = stages.train(params, task, resume=resume, fold=k)
+        where = params.data.models / task
+        if folds is not None:
+            where = where / "folds" / str(k)
+        typer.echo(
+            f"{task}: best validation {metric} {result.best_metric:.3f} at epoch "
+            f"{result.best_epoch} of {result.epochs_run}; weights in {where}/model.pt"
+        )
 
 
 @app.command()

@@ -41,7 +41,13 @@ def load_trained(
     payload = torch.load(model_file, map_location="cpu", weights_only=True)
     if isinstance(task, str):  # a name: the outputs the weights were saved with
         spec = spec.configure(params).from_description(json.loads(payload.get("outputs", "{}")))
-    model = spec.build(spec.train_params(params.train))
+    cfg = spec.train_params(params.train)
+    if payload.get("members"):  # a cross-validation's ensemble (medimg.cv)
+        from medimg.models.ensemble import build_ensemble
+
+        model: torch.nn.Module = build_ensemble(lambda: spec.build(cfg), int(payload["members"]))
+    else:
+        model = spec.build(cfg)
     model.load_state_dict(payload["model"])
     return spec, model
 
@@ -51,7 +57,7 @@ def load_model(task: TaskSpec | str, params: Params, model_file: Path) -> torch.
     return load_trained(task, params, model_file)[1]
 
 
-def _predict_table(
+def predict_table(
     spec: TaskSpec, params: Params, model: torch.nn.Module, processed: Path, table: pd.DataFrame
 ) -> pd.DataFrame:
     """One row per case of ``table``: its identifiers and the task's case values."""
@@ -81,7 +87,7 @@ def score_test_set(
     """One row per test case: the model's probability (classify) or Dice (segment)."""
     table = pd.read_parquet(processed / "manifest.parquet")
     spec = configured_task(task, params, read_classes(processed)) if isinstance(task, str) else task
-    return _predict_table(spec, params, model, processed, table[table["split"] == "test"])
+    return predict_table(spec, params, model, processed, table[table["split"] == "test"])
 
 
 def evaluate(
@@ -99,25 +105,40 @@ def evaluate(
     test = table[table["split"] == "test"]
     if test.empty:
         raise ConfigError(f"{processed}: no test patients; raise split.test_fraction")
-    spec, model = load_trained(task, params, model_file)
     plots_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
-        "task": spec.name,
         "n_test_series": len(test),
         "n_test_patients": int(test["patient"].nunique()),
         "ci": f"95% bootstrap over patients, {N_BOOT} resamples",
         "reproducible": env["reproducible"] == "true",  # the rest of env: the MLflow run
     }
-    val = table[table["split"] == str(params.train.fold)]
-    pred = _predict_table(spec, params, model, processed, test)
-    result.update(
-        spec.summarise(pred, lambda: _predict_table(spec, params, model, processed, val), plots_dir)
-    )
+    folds = params.cv_folds()
+    if folds is None:  # one model, its threshold chosen on its validation fold
+        spec, model = load_trained(task, params, model_file)
+        val = table[table["split"] == str(params.train.fold)]
+        pred = predict_table(spec, params, model, processed, test)
+
+        def validation() -> pd.DataFrame:
+            return predict_table(spec, params, model, processed, val)
+
+        result.update(spec.summarise(pred, validation, plots_dir))
+        histories = [metrics_file.parent / f"{spec.name}_train.json"]
+    else:  # cross-validation: out-of-fold metrics, the ensemble on the test patients
+        from medimg import cv
+
+        spec, members = cv.load_members(task, params, model_file.parent, folds)
+        model_dir = model_file.parent
+        result.update(cv.evaluate_cv(spec, params, processed, model_dir, plots_dir, members))
+        pred = result.pop("_cases")
+        histories = [cv.fold_metrics_file(metrics_file.parent, spec.name, k) for k in folds]
+        cv.write_ensemble_card(model_file.parent, spec, params, histories, result)
+    result["task"] = spec.name
     with atomic_path(plots_dir / "cases.csv") as tmp:  # per case, pseudonymous keys only
         pred.to_csv(tmp, index=False)
-    train_metrics = metrics_file.parent / f"{spec.name}_train.json"
-    if train_metrics.is_file():
-        plots.plot_training_curves(json.loads(train_metrics.read_text())["history"], plots_dir)
+    for i, history in enumerate(h for h in histories if h.is_file()):
+        where = plots_dir if i == 0 else plots_dir / "cv" / history.stem
+        where.mkdir(parents=True, exist_ok=True)  # the first fold's curves, the others in cv/
+        plots.plot_training_curves(json.loads(history.read_text())["history"], where)
     atomic_write_text(metrics_file, json.dumps(result, indent=1, sort_keys=True))
     log.info(
         "%s test metrics: %s",

@@ -103,18 +103,34 @@ def train(
     root: Path = Path("."),
     callbacks: Sequence[Callable[[Any], None]] = (),
     resume: bool = False,
+    fold: int | None = None,
 ) -> Any:
     """Fine-tune the model of ``task`` (classify or segment) on the preprocessed data, and
     log the run and the model to MLflow (unless ``tracking.enabled`` is false).
 
+    One model: validated on ``fold`` (default ``train.fold``), written to
+    ``models/<task>/``. Under cross-validation (``train.folds``) ``fold`` is required and
+    the model goes to ``models/<task>/folds/<fold>/`` (:func:`train_folds` trains them
+    all); ``medimg evaluate`` makes the folds one ensemble.
+
     ``train.<task>.pretrained`` may be a path relative to ``root`` or an MLflow model URI,
     which is first downloaded to a local file through :mod:`medimg.tracking`.
     """
+    from medimg import cv
     from medimg.data.manifest import read_classes
+    from medimg.errors import ConfigError
     from medimg.tasks import configured_task
     from medimg.train import TrainConfig
     from medimg.train import train as run
 
+    folds = params.cv_folds()
+    if folds is not None and fold not in folds:
+        raise ConfigError(
+            f"train.folds is {folds}: train one of them (`medimg train --task {task} --fold "
+            f"K`), or every fold (`medimg train --task {task}`); got fold {fold}"
+        )
+    if fold is not None:
+        params = params.model_copy(update={"train": params.train.model_copy(update={"fold": fold})})
     spec = configured_task(task, params, read_classes(project_path(root, params.data.processed)))
     cfg = spec.train_params(params.train)
     source = cfg.pretrained
@@ -125,6 +141,10 @@ def train(
     d = params.data
     model_dir = project_path(root, d.models) / spec.name
     metrics_file = project_path(root, d.metrics) / f"{spec.name}_train.json"
+    if folds is not None:
+        assert fold is not None
+        model_dir = cv.fold_dir(model_dir, fold)
+        metrics_file = cv.fold_metrics_file(project_path(root, d.metrics), spec.name, fold)
     config = TrainConfig.from_params(params, spec)
 
     def fit(extra: Sequence[Callable[[Any], None]] = ()) -> Any:
@@ -157,10 +177,26 @@ def train(
             project_path(root, d.interim),
             model_dir,
             resume,
+            fold=fold if folds is not None else None,
         ) as tracked:
             result = fit([tracked.on_epoch])
             tracked.finish(result, metrics_file)
         return result
+
+
+def train_folds(
+    params: Params,
+    task: str,
+    root: Path = Path("."),
+    callbacks: Sequence[Callable[[Any], None]] = (),
+    resume: bool = False,
+) -> list[Any]:
+    """:func:`train` for every fold of ``train.folds``, one after the other (Prefect and
+    DVC run them as separate tasks and stages); one model when it is not set."""
+    folds = params.cv_folds()
+    if folds is None:
+        return [train(params, task, root, callbacks, resume)]
+    return [train(params, task, root, callbacks, resume, fold=k) for k in folds]
 
 
 def _rank() -> int:
@@ -171,7 +207,8 @@ def _rank() -> int:
 
 def evaluate(params: Params, task: str, root: Path = Path(".")) -> dict[str, Any]:
     """Evaluate the trained model of ``task`` on the held-out test patients, and add the
-    results to the model's MLflow run."""
+    results to the model's MLflow run; under cross-validation, join the folds into the
+    ensemble first (:mod:`medimg.cv`), logged with its metrics in a parent run."""
     from medimg.evaluate import evaluate as run
 
     d = params.data
@@ -183,9 +220,8 @@ def evaluate(params: Params, task: str, root: Path = Path(".")) -> dict[str, Any
     if params.tracking.enabled:
         from medimg import tracking
 
-        tracking.log_evaluation(
-            params, task, root, model_dir, processed, result, metrics_file, plots_dir
-        )
+        log = tracking.log_evaluation if params.cv_folds() is None else tracking.log_cv_evaluation
+        log(params, task, root, model_dir, processed, result, metrics_file, plots_dir)
     return result
 
 

@@ -8,7 +8,7 @@ and wrong values fail with a message naming the key and the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -145,6 +145,11 @@ class TrainParams(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
     amp: bool = True  # mixed precision (on CUDA only)
     fold: int = Field(0, ge=0)  # the validation fold; the other folds train
+    # Cross-validation: "all" or a list of folds trains one model per fold (each validated
+    # on its own patients), scores every listed fold's patients out of fold, and makes the
+    # fold models one ensemble, the model that is tested and registered (docs/training.md).
+    # None: one model, validated on `fold`. dvc.yaml's foreach needs the list written out.
+    folds: Literal["all"] | list[Annotated[int, Field(ge=0)]] | None = None
     reproducible: bool = True  # the same numbers on every x86-64 CPU with AVX2: pins the
     # instruction sets, the thread count and deterministic algorithms (docs/training.md)
     threads: int = Field(2, ge=1)  # intra-op threads when reproducible (results depend on it)
@@ -248,6 +253,25 @@ class Params(StrictModel):
     @classmethod
     def _check_structures(cls, value: tuple[StructureParams, ...]) -> tuple[StructureParams, ...]:
         return check_structures(value)
+
+    @model_validator(mode="after")
+    def _check_folds(self) -> Params:
+        folds, n = self.train.folds, self.split.n_folds
+        if isinstance(folds, list):
+            wrong = [f for f in folds if f >= n]
+            if not folds or wrong or len(set(folds)) != len(folds):
+                raise ValueError(
+                    f"train.folds {folds} must be distinct folds below split.n_folds ({n}); "
+                    f'"all" lists every fold'
+                )
+        return self
+
+    def cv_folds(self) -> list[int] | None:
+        """The folds of a cross-validation (``train.folds``), in order; None for one model."""
+        folds = self.train.folds
+        if folds is None:
+            return None
+        return list(range(self.split.n_folds)) if folds == "all" else sorted(folds)
 
     def structure_label(self, name: str) -> int | None:
         """The label-map value (1..K) of the structure an annotation's ``name`` means, or

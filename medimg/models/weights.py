@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from medimg.errors import ConfigError
+from medimg.models.ensemble import first_member
 
 WRAPPER = "module."  # DataParallel prefix (MedicalNet)
 FORMATS: tuple[str, ...] = ("medicalnet", "torchvision", "medimg")
@@ -125,7 +126,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
         if isinstance(inner.get(wrapper), Mapping):
             inner = inner[wrapper]
             break
-    state = {str(k): v for k, v in inner.items() if isinstance(v, Tensor)}
+    state = first_member({str(k): v for k, v in inner.items() if isinstance(v, Tensor)})
     if not state:
         raise ConfigError(
             f"{path.name}: contains no tensors (keys {list(inner)[:5]}); not a state dict"

@@ -168,6 +168,19 @@ class TaskSpec(ABC):
         entries of ``metrics/<task>.json``; writes the task's plots. ``validation`` scores
         the validation fold when a summary needs it (a decision threshold)."""
 
+    def calibrate(self, oof: pd.DataFrame) -> tuple[float, pd.DataFrame, dict[str, Any]]:
+        """A temperature fitted on out-of-fold cases, those cases with it applied, and
+        what it changed (:mod:`medimg.calibration`); a task without one keeps T = 1."""
+        return 1.0, oof, {}
+
+    def with_temperature(self, cases: pd.DataFrame, temperature: float) -> pd.DataFrame:
+        """``cases`` with their probabilities scaled by ``temperature``."""
+        return cases
+
+    def calibration_error(self, cases: pd.DataFrame) -> float | None:
+        """The expected calibration error of a per-case table (None: no probabilities)."""
+        return None
+
     @abstractmethod
     def gate_cases(self, cases: pd.DataFrame) -> pd.DataFrame:
         """The cases the gate compares on."""

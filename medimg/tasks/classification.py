@@ -25,6 +25,7 @@ from torch import nn
 from medimg import metrics as M
 from medimg import multiclass as MC
 from medimg import plots
+from medimg.calibration import apply_temperature, fit_temperature, nll
 from medimg.config import GateParams, Params, RegistryParams, TaskTrainParams, TrainParams
 from medimg.infer import volume_probability
 from medimg.stats import breakdowns, rounded, with_ci
@@ -231,6 +232,41 @@ class Classification(TaskSpec):
         plots.plot_calibration(y, p, plots_dir)
         plots.plot_confusion(y, p, threshold, plots_dir)
         return result
+
+    def _score_columns(self) -> list[str]:
+        return ["probability"] if self.binary else self.probability_columns()
+
+    def calibration_error(self, cases: pd.DataFrame) -> float | None:
+        return rounded(self._ece(cases))
+
+    def _ece(self, f: pd.DataFrame) -> float:
+        y = f["label"].to_numpy()
+        if self.binary:
+            return M.expected_calibration_error(y, f["probability"].to_numpy())
+        return MC.expected_calibration_error(y, self._probs(f))
+
+    def with_temperature(self, cases: pd.DataFrame, temperature: float) -> pd.DataFrame:
+        cols, out = self._score_columns(), cases.copy()
+        p = out[cols[0]].to_numpy(dtype=float) if self.binary else self._probs(out)
+        scaled = apply_temperature(p, temperature)
+        out[cols] = scaled[:, None] if self.binary else scaled  # argmax: unchanged
+        return out
+
+    def calibrate(self, oof: pd.DataFrame) -> tuple[float, pd.DataFrame, dict[str, Any]]:
+        y = oof["label"].to_numpy()
+        p = oof["probability"].to_numpy(dtype=float) if self.binary else self._probs(oof)
+        temperature = fit_temperature(y, p)
+        scaled = self.with_temperature(oof, temperature)
+        after = scaled["probability"].to_numpy() if self.binary else self._probs(scaled)
+        info = {
+            "temperature": temperature,
+            "fitted_on": f"{len(oof)} out-of-fold series (negative log-likelihood)",
+            "oof_ece_before": rounded(self._ece(oof)),
+            "oof_ece_after": rounded(self._ece(scaled)),
+            "oof_nll_before": rounded(nll(y, p)),
+            "oof_nll_after": rounded(nll(y, after)),
+        }
+        return temperature, scaled, info
 
     def gate_cases(self, cases: pd.DataFrame) -> pd.DataFrame:
         return cases

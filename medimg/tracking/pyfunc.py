@@ -33,6 +33,9 @@ with warnings.catch_warnings():
     class MedimgModel(PythonModel):
         """A medimg model behind MLflow's pyfunc interface.
 
+        A cross-validation's model is the ensemble of its folds
+        (:class:`~medimg.models.ensemble.Ensemble`; ``members`` in the config).
+
         Input: float32 array (N, 1, R, A, S) of preprocessed volumes. Output: per volume,
         the positive class's probability (classify, two classes: (N,)) or one per class
         ((N, K)); per voxel, the lesion's (segment, one structure: (N, R, A, S)) or one per
@@ -45,6 +48,7 @@ with warnings.catch_warnings():
             from safetensors.torch import load_file
 
             from medimg.models.build import build_model
+            from medimg.models.ensemble import build_ensemble
 
             self.meta = json.loads(Path(context.artifacts[_CONFIG]).read_text())
             task = get_task(str(self.meta["task"]))
@@ -53,7 +57,12 @@ with warnings.catch_warnings():
             cfg = TaskTrainParams(
                 **{k: v for k, v in saved.items() if k in TaskTrainParams.model_fields}
             )
-            self.module = build_model(self.task.name, cfg, self.task.n_outputs)
+
+            def build() -> Any:
+                return build_model(self.task.name, cfg, self.task.n_outputs)
+
+            members = int(self.meta.get("members", 0))  # a cross-validation's ensemble
+            self.module = build_ensemble(build, members) if members else build()
             self.module.load_state_dict(load_file(context.artifacts[_WEIGHTS], device="cpu"))
             self.module.eval()
 
@@ -99,7 +108,7 @@ def log_model(params: Params, task: TaskSpec | str, model_dir: Path, run_id: str
         saved = json.loads(payload.get("outputs", "{}"))
         spec = spec.configure(params).from_description(saved)
     size = tuple(params.preprocess.spatial_size)
-    meta = {
+    meta: dict[str, Any] = {
         "task": spec.name,
         "outputs": spec.describe(),
         "model": spec.train_params(params.train).model_dump(mode="json"),
@@ -107,6 +116,9 @@ def log_model(params: Params, task: TaskSpec | str, model_dir: Path, run_id: str
         "input_shape": [1, *size],
         "preprocess": params.preprocess.model_dump(mode="json"),
     }
+    if payload.get("members"):  # the folds' ensemble (medimg.cv): its members and folds
+        meta["members"] = int(payload["members"])
+        meta["folds"] = json.loads(payload.get("folds", "[]"))
     out_shape = spec.output_shape(size)
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, *size))]),

@@ -122,6 +122,8 @@ class TrainRun:
     interim: Path
     model_dir: Path
     resume: bool = False
+    fold: int | None = None  # a cross-validation's fold: the model is the folds' ensemble,
+    # logged by evaluation into the parent run (medimg.cv), not here
 
     def __post_init__(self) -> None:
         self.client = configure(self.params, self.root)
@@ -144,14 +146,14 @@ class TrainRun:
             run = retrying(
                 cfg,
                 "creating the run",
-                lambda: self.client.create_run(
-                    exp, run_name=f"train-{self.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-                ),
+                lambda: self.client.create_run(exp, run_name=self._run_name()),
             )
             self.run_id = run.info.run_id
         self._write_run_file(exp)
         manifest = pd.read_parquet(self.processed / "manifest.parquet")
         tags = {"medimg.stage": "train", "medimg.task": self.task}
+        if self.fold is not None:
+            tags["medimg.fold"] = str(self.fold)
         tags.update(lineage_tags(self.params, self.root, self.processed))
         tags.update(environment_tags())  # from the start: a run that dies keeps them too
 
@@ -186,6 +188,10 @@ class TrainRun:
         retrying(cfg, "describing the run", describe)
         self.sender = MetricSender(self.client, self.run_id, cfg)
         return self.run_id
+
+    def _run_name(self) -> str:
+        fold = "" if self.fold is None else f"-fold{self.fold}"
+        return f"train-{self.task}{fold}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     def _write_run_file(self, exp: str) -> None:
         self.model_dir.mkdir(parents=True, exist_ok=True)
@@ -235,14 +241,16 @@ class TrainRun:
                 "sending the held-back epoch metrics",
                 lambda: self.client.log_batch(self.run_id, metrics=unsent),
             )
-        uri = retrying(
-            cfg,
-            "logging the model",
-            lambda: log_model(self.params, self.task, self.model_dir, self.run_id),
-        )
-        record = _read_run_file(self.model_dir) or {}
-        record["model_uri"] = uri
-        atomic_write_text(self.model_dir / RUN_FILE, json.dumps(record, indent=1))
+        uri = ""
+        if self.fold is None:  # a fold's model is logged as part of the ensemble
+            uri = retrying(
+                cfg,
+                "logging the model",
+                lambda: log_model(self.params, self.task, self.model_dir, self.run_id),
+            )
+            record = _read_run_file(self.model_dir) or {}
+            record["model_uri"] = uri
+            atomic_write_text(self.model_dir / RUN_FILE, json.dumps(record, indent=1))
         self.client.set_terminated(self.run_id, "FINISHED")
         log.info("MLflow run %s (%s): model %s", self.run_id, self.client.tracking_uri, uri)
         return uri
@@ -291,9 +299,11 @@ def train_run(
     interim: Path,
     model_dir: Path,
     resume: bool = False,
+    fold: int | None = None,
 ) -> Iterator[TrainRun]:
-    """Open the training run; marks it FAILED when the block raises."""
-    run = TrainRun(params, task, root, processed, interim, model_dir, resume)
+    """Open the training run (of one fold of a cross-validation when ``fold`` is given);
+    marks it FAILED when the block raises."""
+    run = TrainRun(params, task, root, processed, interim, model_dir, resume, fold)
     run.start()
     try:
         yield run
@@ -305,14 +315,18 @@ def train_run(
 def metric_values(result: Mapping[str, Any]) -> dict[str, float]:
     """``metrics/<task>.json``'s headline metrics as flat MLflow metrics with their CIs:
     ``test_auroc``, ``test_auroc_ci_lower``, ``test_auroc_ci_upper``...; per class or
-    structure too: ``test_liver_dice``, ``test_cyst_auroc``..."""
+    structure too: ``test_liver_dice``, ``test_cyst_auroc``...; those of a
+    cross-validation's out-of-fold cases as ``cv_auroc``, ``cv_liver_dice``..."""
     out: dict[str, float] = {}
-    for owner, name, m in metric_rows(dict(result)):
-        prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", owner) + "_" if owner else ""
-        for field, suffix in (("value", ""), ("ci_lower", "_ci_lower"), ("ci_upper", "_ci_upper")):
-            v = m.get(field)
-            if v is not None and math.isfinite(v):
-                out[f"test_{prefix}{name}{suffix}"] = float(v)
+    sources = (("test", dict(result)), ("cv", dict(result.get("cv") or {})))  # cv: out of fold
+    fields = (("value", ""), ("ci_lower", "_ci_lower"), ("ci_upper", "_ci_upper"))
+    for part, source in sources:
+        for owner, name, m in metric_rows(source):
+            prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", owner) + "_" if owner else ""
+            for field, suffix in fields:
+                v = m.get(field)
+                if v is not None and math.isfinite(v):
+                    out[f"{part}_{prefix}{name}{suffix}"] = float(v)
     for key in ("n_test_patients", "n_test_series"):
         if key in result:
             out[key] = float(result[key])

@@ -1,0 +1,186 @@
+"""Cross-validation: the fold ensemble, temperature scaling, out-of-fold metrics, and the
+ensemble as the model that is evaluated, logged, registered, gated and loaded back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from medimg.calibration import apply_temperature, fit_temperature, nll
+from medimg.config import Params, TrackingParams
+from medimg.models.ensemble import Ensemble, ensemble_state, first_member, n_members
+from medimg.stats import rounded
+from tests.helpers import Processed, train_params
+
+
+def _nets(outputs: int, n: int = 3) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [nn.Conv3d(1, outputs, 3, padding=1) for _ in range(n)]
+
+
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_ensemble_gives_the_mean_probability_then_its_temperature(outputs: int) -> None:
+    members, x = _nets(outputs), torch.randn(2, 1, 6, 5, 4)
+    with torch.no_grad():
+        logits = [m(x) for m in members]
+        ens = Ensemble(members)
+        if outputs == 1:
+            mean = torch.stack([torch.sigmoid(z) for z in logits]).mean(0)
+            got = torch.sigmoid(ens(x))
+        else:
+            mean = torch.stack([torch.softmax(z, 1) for z in logits]).mean(0)
+            got = torch.softmax(ens(x), 1)
+        torch.testing.assert_close(got, mean, atol=1e-5, rtol=0)
+        ens.temperature = torch.tensor(2.5)
+        scaled = torch.sigmoid(ens(x)) if outputs == 1 else torch.softmax(ens(x), 1)
+    # the module's temperature is the one the per-case tables get (medimg.calibration)
+    flat = mean.numpy().reshape(-1) if outputs == 1 else mean.movedim(1, -1).reshape(-1, 3)
+    want = apply_temperature(flat.numpy() if isinstance(flat, torch.Tensor) else flat, 2.5)
+    have = scaled.numpy().reshape(-1) if outputs == 1 else scaled.movedim(1, -1).reshape(-1, 3)
+    np.testing.assert_allclose(np.asarray(have), want, atol=1e-5)
+    assert not np.allclose(np.asarray(have), np.asarray(flat), atol=1e-3)  # T changed them
+
+
+def test_ensemble_state_round_trips_and_gives_its_first_member() -> None:
+    members = _nets(2, n=2)
+    state = ensemble_state([m.state_dict() for m in members], temperature=1.7)
+    ens = Ensemble(_nets(2, n=2))
+    ens.load_state_dict(state)
+    assert float(ens.temperature) == pytest.approx(1.7)
+    assert n_members(state) == 2 and n_members(members[0].state_dict()) == 0
+    first = first_member(state)
+    assert set(first) == set(members[0].state_dict())
+    torch.testing.assert_close(first["weight"], members[0].weight)
+    plain = members[1].state_dict()
+    assert first_member(plain).keys() == plain.keys()  # not an ensemble's: as it is
+    assert torch.equal(first_member(plain)["weight"], plain["weight"])
+
+
+def test_temperature_scaling_undoes_overconfidence() -> None:
+    rng = np.random.default_rng(0)
+    q = rng.uniform(0.05, 0.95, 4000)  # the true probabilities
+    y = (rng.uniform(size=q.size) < q).astype(int)
+    z = np.log(q) - np.log1p(-q)
+    overconfident = 1 / (1 + np.exp(-3.0 * z))  # logits three times too large
+    t = fit_temperature(y, overconfident)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert nll(y, apply_temperature(overconfident, t)) < nll(y, overconfident) - 0.05
+    # several classes: softmax of three times the true log-probabilities
+    p3 = rng.dirichlet([1.0, 1.0, 1.0], 4000)
+    y3 = np.array([rng.choice(3, p=p) for p in p3])
+    sharp = apply_temperature(p3, 1 / 3)
+    t3 = fit_temperature(y3, sharp)
+    assert t3 == pytest.approx(3.0, rel=0.1)
+    np.testing.assert_array_equal(  # the order of the classes never changes
+        apply_temperature(sharp, t3).argmax(1), sharp.argmax(1)
+    )
+    with pytest.raises(ValueError, match="two classes"):
+        fit_temperature([1, 1, 1], [0.2, 0.7, 0.9])
+
+
+def _cv_params(p: Processed, out: Path, **task: object) -> Params:
+    params = train_params(p, out, epochs=2, **task)
+    folds = list(range(params.split.n_folds))
+    tracked = TrackingParams(
+        uri=f"sqlite:///{out / 'mlflow.db'}", artifacts=out / "mlartifacts", retry_wait_s=0.1
+    )
+    train = params.train.model_copy(update={"folds": folds})
+    return params.model_copy(update={"train": train, "tracking": tracked})
+
+
+@pytest.fixture(autouse=True)
+def _own_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MEDIMG_MLFLOW_URI", raising=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["classify", "segment"])
+def test_cross_validation_scores_every_patient_out_of_fold_and_registers_the_ensemble(
+    tiny_processed: Processed, tmp_path: Path, task: str
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from medimg import stages, tracking
+    from medimg.cv import fold_dir
+    from medimg.evaluate import load_trained, predict_table
+    from medimg.metrics import youden_threshold
+
+    params = _cv_params(tiny_processed, tmp_path)
+    folds = params.cv_folds()
+    assert folds == [0, 1]
+    with pytest.raises(Exception, match="train one of them"):
+        stages.train(params, task, tmp_path)  # which fold: it must be said
+    results = stages.train_folds(params, task, tmp_path)
+    assert len(results) == 2
+    models = tmp_path / "models" / task
+    assert all((fold_dir(models, k) / "model.pt").is_file() for k in folds)
+    assert not (models / "model.pt").exists()  # the ensemble is evaluation's to make
+    result = stages.evaluate(params, task, tmp_path)
+
+    table = pd.read_parquet(tiny_processed.processed / "manifest.parquet")
+    rest, test = table[table["split"] != "test"], table[table["split"] == "test"]
+    oof = pd.read_csv(tmp_path / "plots" / task / "cv" / "cases.csv")
+    # every non-test series once, scored by the model of the fold that held it out
+    assert sorted(oof["key"]) == sorted(rest["key"])
+    split_of = dict(zip(rest["key"], rest["split"].astype(int), strict=True))
+    assert [split_of[k] for k in oof["key"]] == oof["fold"].tolist()
+    assert result["cv"]["n_series"] == len(rest) and result["cv"]["folds"] == folds
+    assert result["ensemble"]["members"] == 2
+
+    spec, ensemble = load_trained(task, params, models / "model.pt")
+    assert isinstance(ensemble, Ensemble) and len(ensemble.members) == 2
+    cases = pd.read_csv(tmp_path / "plots" / task / "cases.csv")
+    assert sorted(cases["key"]) == sorted(test["key"])
+    if task == "classify":  # binary: one probability, the OOF threshold, a temperature
+        t = result["ensemble"]["calibration"]["temperature"]
+        assert float(ensemble.temperature) == pytest.approx(t)
+        fold_probs = [
+            predict_table(spec, params, load_trained(task, params, fold_dir(models, k) / "model.pt")[1],
+                          tiny_processed.processed, test)["probability"].to_numpy()
+            for k in folds
+        ]  # fmt: skip
+        want = apply_temperature(np.mean(fold_probs, axis=0), t)
+        got = cases.set_index("key").loc[test["key"], "probability"].to_numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        cut = youden_threshold(oof["label"].to_numpy(), oof["probability"].to_numpy())
+        assert result["threshold"] == rounded(cut)
+        cal = result["ensemble"]["calibration"]
+        assert {"oof_ece_before", "oof_ece_after", "test_ece_before", "test_ece_after"} <= set(cal)
+        assert cal["oof_nll_after"] <= cal["oof_nll_before"] + 1e-9  # fitted to lower it
+    else:  # the same metrics out of fold as on the test patients
+        assert set(result["cv"]["metrics"]) == set(result["metrics"])
+    saved = json.loads((tmp_path / "metrics" / f"{task}.json").read_text())
+    assert saved["cv"] == json.loads(json.dumps(result["cv"]))
+    assert "Ensemble" in (models / "model_card.md").read_text()
+
+    # MLflow: the folds' runs nest under the parent, which holds the ensemble's model
+    record = tracking._read_run_file(models)
+    client = MlflowClient(tracking.tracking_uri(params.tracking, tmp_path))
+    parent = client.get_run(record["run_id"])
+    assert parent.data.tags["medimg.stage"] == "cross-validation"
+    metric_names = set(parent.data.metrics)
+    assert any(n.startswith("cv_") for n in metric_names)
+    assert any(n.startswith("test_") for n in metric_names)
+    for k in folds:
+        child = client.get_run(tracking._read_run_file(fold_dir(models, k))["run_id"])
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["medimg.fold"] == str(k)
+    decision = stages.register(params, task, tmp_path)
+    assert decision.promoted  # the first version becomes champion
+    name = spec.registry_name(params.registry)
+    champion = tracking.load_model(f"models:/{name}@{tracking.CHAMPION}")
+    assert isinstance(champion, Ensemble) and len(champion.members) == 2
+    for a, b in zip(champion.state_dict().values(), ensemble.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    # a second evaluation (a new parent run) goes through the gate against the champion:
+    # both are ensembles, scored on the same test patients
+    stages.evaluate(params, task, tmp_path)
+    second = stages.register(params, task, tmp_path)
+    assert second.version != decision.version and not second.promoted  # no better
