@@ -51,7 +51,7 @@ def load_members(
     Raises:
         ConfigError: a fold has no trained model, or the folds' outputs differ.
     """
-    from medimg.evaluate import load_trained
+    from medimg.scoring import load_trained
 
     spec: TaskSpec | None = None
     members = []
@@ -84,7 +84,7 @@ def out_of_fold(
     table: pd.DataFrame,
 ) -> pd.DataFrame:
     """Every listed fold's series scored by the model that held that fold out."""
-    from medimg.evaluate import predict_table
+    from medimg.scoring import predict_table
 
     parts = []
     for k, model in zip(folds, members, strict=True):
@@ -120,7 +120,7 @@ def evaluate_cv(
     members: list[torch.nn.Module],
 ) -> dict[str, Any]:
     """Steps 1 to 4 of the module docstring; the ``metrics/<task>.json`` entries."""
-    from medimg.evaluate import predict_table
+    from medimg.scoring import predict_table
 
     folds = params.cv_folds() or []
     table = pd.read_parquet(processed / "manifest.parquet")

@@ -116,21 +116,12 @@ def train(
     ``train.<task>.pretrained`` may be a path relative to ``root`` or an MLflow model URI,
     which is first downloaded to a local file through :mod:`medimg.tracking`.
     """
-    from medimg import cv
     from medimg.data.manifest import read_classes
-    from medimg.errors import ConfigError
     from medimg.tasks import configured_task
     from medimg.train import TrainConfig
     from medimg.train import train as run
 
-    folds = params.cv_folds()
-    if folds is not None and fold not in folds:
-        raise ConfigError(
-            f"train.folds is {folds}: train one of them (`medimg train --task {task} --fold "
-            f"K`), or every fold (`medimg train --task {task}`); got fold {fold}"
-        )
-    if fold is not None:
-        params = params.model_copy(update={"train": params.train.model_copy(update={"fold": fold})})
+    params, folds = _with_fold(params, task, fold)
     spec = configured_task(task, params, read_classes(project_path(root, params.data.processed)))
     cfg = spec.train_params(params.train)
     source = cfg.pretrained
@@ -139,12 +130,7 @@ def train(
         train_cfg = params.train.model_copy(update={spec.name: cfg})
         params = params.model_copy(update={"train": train_cfg})
     d = params.data
-    model_dir = project_path(root, d.models) / spec.name
-    metrics_file = project_path(root, d.metrics) / f"{spec.name}_train.json"
-    if folds is not None:
-        assert fold is not None
-        model_dir = cv.fold_dir(model_dir, fold)
-        metrics_file = cv.fold_metrics_file(project_path(root, d.metrics), spec.name, fold)
+    model_dir, metrics_file = _train_paths(params, spec.name, root, folds is not None)
     config = TrainConfig.from_params(params, spec)
 
     def fit(extra: Sequence[Callable[[Any], None]] = ()) -> Any:
@@ -184,6 +170,39 @@ def train(
         return result
 
 
+def _with_fold(params: Params, task: str, fold: int | None) -> tuple[Params, list[int] | None]:
+    """``params`` validating on ``fold`` (when given), and the cross-validation's folds.
+
+    Raises:
+        ConfigError: under cross-validation, ``fold`` is not one of its folds.
+    """
+    from medimg.errors import ConfigError
+
+    folds = params.cv_folds()
+    if folds is not None and fold not in folds:
+        raise ConfigError(
+            f"train.folds is {folds}: train one of them (`medimg train --task {task} --fold "
+            f"K`), or every fold (`medimg train --task {task}`); got fold {fold}"
+        )
+    if fold is not None:
+        params = params.model_copy(update={"train": params.train.model_copy(update={"fold": fold})})
+    return params, folds
+
+
+def _train_paths(params: Params, task: str, root: Path, cross_validated: bool) -> tuple[Path, Path]:
+    """The model folder and the training summary of a training run."""
+    from medimg import cv
+
+    models, metrics = (
+        project_path(root, params.data.models),
+        project_path(root, params.data.metrics),
+    )
+    if not cross_validated:
+        return models / task, metrics / f"{task}_train.json"
+    fold = params.train.fold
+    return cv.fold_dir(models / task, fold), cv.fold_metrics_file(metrics, task, fold)
+
+
 def train_folds(
     params: Params,
     task: str,
@@ -220,8 +239,14 @@ def evaluate(params: Params, task: str, root: Path = Path(".")) -> dict[str, Any
     if params.tracking.enabled:
         from medimg import tracking
 
-        log = tracking.log_evaluation if params.cv_folds() is None else tracking.log_cv_evaluation
-        log(params, task, root, model_dir, processed, result, metrics_file, plots_dir)
+        folds = params.cv_folds()
+        args = (params, task, root, model_dir, processed, result, metrics_file, plots_dir)
+        if folds is None:
+            tracking.log_evaluation(*args)
+        else:
+            from medimg.cv import fold_dir
+
+            tracking.log_cv_evaluation(*args, [fold_dir(model_dir, k) for k in folds])
     return result
 
 

@@ -2,10 +2,14 @@
 
 Each stage of ``dvc.yaml`` is one task that asks DVC (its Python API) to reproduce that
 stage alone, so a scheduled run skips what is up to date and leaves ``dvc.lock`` true, as
-``dvc repro`` would. Then each task's model is registered and goes through the promotion
-gate. A markdown artifact summarises the run for a human: what ran and what was skipped,
-the test metrics with their intervals, the gate's decisions with links to MLflow, and the
-ingest QC counts.
+``dvc repro`` would. The folds of a cross-validation (a ``foreach`` stage) are mapped:
+one task per out-of-date fold on the flow's task runner, ``orchestration.fold_workers``
+at a time, each fold a process of its own on the next GPU of ``orchestration.fold_gpus``
+(a deployment on a work pool of GPU machines trains its folds side by side there); DVC
+then records them (``dvc commit``), as if ``dvc repro`` had run them one by one. Then
+each task's model is registered and goes through the promotion gate. A markdown artifact
+summarises the run for a human: what ran and what was skipped, the test metrics with
+their intervals, the gate's decisions with links to MLflow, and the ingest QC counts.
 """
 
 from __future__ import annotations
@@ -29,9 +33,79 @@ from medimg.tasks import TASKS
 from pipelines.tasks import retry_on_io
 
 
-def dvc_stages(root: Path) -> list[str]:
-    """The stages of ``root/dvc.yaml``, in file order (which is dependency order)."""
-    return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+def dvc_stages(root: Path) -> list[list[str]]:
+    """The stages of ``root/dvc.yaml`` in file order (which is dependency order): each a
+    list of the stage's name, or of the stages a ``foreach`` generates (``name@item``)."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    groups = []
+    for name, stage in stages.items():
+        items = stage.get("foreach")
+        if items is None:
+            groups.append([name])
+            continue
+        if isinstance(items, str):  # ${train.folds}: a list in params.yaml
+            for part in items.strip("${} ").split("."):
+                params = params[part]
+            items, params = params, yaml.safe_load((root / "params.yaml").read_text()) or {}
+        groups.append([f"{name}@{item}" for item in items])
+    return groups
+
+
+@task(name="dvc-out-of-date", cache_policy=NONE, persist_result=False)
+def out_of_date(root: Path, names: list[str]) -> dict[str, str]:
+    """The commands of the stages among ``names`` that are out of date."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        status = repo.status(targets=names)
+        return {n: str(repo.stage.collect(n)[0].cmd) for n in names if n in status}
+
+
+@task(
+    name="dvc-fold-stage",
+    task_run_name="dvc-{stage}",
+    cache_policy=NONE,
+    persist_result=False,
+)
+def run_stage_command(root: Path, stage: str, cmd: str, gpu: str = "") -> None:
+    """One fold's stage command, in the project (a process of its own, on ``gpu``)."""
+    import subprocess
+
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {})}
+    done = subprocess.run(cmd, shell=True, cwd=root, env=env, capture_output=True, text=True)
+    logger = get_run_logger()
+    logger.info("%s: %s", stage, done.stdout.strip().splitlines()[-1:] or "done")
+    if done.returncode:
+        raise RuntimeError(f"{stage}: `{cmd}` failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
+@task(name="dvc-commit", cache_policy=NONE, persist_result=False)
+def commit_stages(root: Path, names: list[str]) -> None:
+    """Record stages that ran outside ``dvc repro`` in ``dvc.lock`` and the cache."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        for name in names:
+            repo.commit(name, force=True)
+
+
+def reproduce_folds(params: Params, root: Path, names: list[str]) -> dict[str, bool]:
+    """The out-of-date stages of a ``foreach`` group, mapped as concurrent tasks."""
+    todo = out_of_date(root, names)
+    cfg = params.orchestration
+    gpus, items = [str(g) for g in cfg.fold_gpus], list(todo.items())
+    for start in range(0, len(items), cfg.fold_workers):
+        batch = items[start : start + cfg.fold_workers]
+        futures = [
+            run_stage_command.submit(root, n, cmd, gpus[(start + i) % len(gpus)] if gpus else "")
+            for i, (n, cmd) in enumerate(batch)
+        ]
+        for future in futures:
+            future.result()  # raises the first failure, after its batch has finished
+    if todo:
+        commit_stages(root, list(todo))
+    return {n: n in todo for n in names}
 
 
 @task(
@@ -118,8 +192,12 @@ def pipeline_flow(
     if flow_run.id:
         os.environ["PREFECT__FLOW_RUN_ID"] = str(flow_run.id)
     ran: dict[str, bool] = {}
-    for stage in dvc_stages(project):
-        ran[stage] = reproduce_stage(project, stage)
+    before = load_params(pfile)
+    for group in dvc_stages(project):
+        if len(group) == 1 and "@" not in group[0]:
+            ran[group[0]] = reproduce_stage(project, group[0])
+        else:
+            ran.update(reproduce_folds(before, project, group))
     decisions: dict[str, dict[str, Any]] = {}
     params = load_params(pfile)  # after the stages: as the stages ran with it
     if register and params.tracking.enabled:

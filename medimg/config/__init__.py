@@ -208,6 +208,10 @@ class OrchestrationParams(StrictModel):
     inbox: Path = Path("data/inbox")  # predict-inbox watches this folder of new studies
     inbox_interval_s: int = Field(300, ge=10)  # how often predict-inbox runs
     work_pool: str = "medimg"  # the work pool deployments are sent to (`prefect worker`)
+    fold_workers: int = Field(1, ge=1)  # folds of a cross-validation trained at once by the
+    # pipeline flow, each in a process of its own (one per GPU; 1 on a small CPU machine)
+    fold_gpus: tuple[Annotated[int, Field(ge=0)], ...] = ()  # CUDA devices the folds take in turn
+    # (CUDA_VISIBLE_DEVICES); () leaves the device to train.device
 
 
 class PredictParams(StrictModel):

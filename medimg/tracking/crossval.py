@@ -31,13 +31,12 @@ def log_cv_evaluation(
     result: Mapping[str, Any],
     metrics_file: Path,
     plots_dir: Path,
+    fold_dirs: list[Path],
 ) -> str:
-    """Open the parent run, nest the folds' runs under it, log the ensemble's model and
-    the evaluation; write ``model_dir``'s run file for ``medimg register``. Returns the
-    parent run's id."""
+    """Open the parent run, nest the runs of the folds trained in ``fold_dirs`` under it,
+    log the ensemble's model and the evaluation; write ``model_dir``'s run file for
+    ``medimg register``. Returns the parent run's id."""
     from mlflow.entities import Param, RunTag
-
-    from medimg.cv import fold_dir
 
     client, cfg = configure(params, root), params.tracking
     folds = params.cv_folds() or []
@@ -49,7 +48,7 @@ def log_cv_evaluation(
     tags = {"medimg.stage": "cross-validation", "medimg.task": task, "medimg.folds": str(folds)}
     tags.update(lineage_tags(params, root, processed))
     tags.update(environment_tags())
-    children = [_read_run_file(fold_dir(model_dir, k)) for k in folds]
+    children = [_read_run_file(d) for d in fold_dirs]
 
     def describe() -> None:
         flat = [Param(k, v) for k, v in flatten(params.model_dump(mode="json")).items()]

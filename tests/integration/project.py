@@ -18,13 +18,15 @@ from bench.cohort import copy_project
 from medimg.config import Params, SplitParams, TaskTrainParams, TrainParams
 from tests.helpers import TINY_SYNTH, tool_path
 
-STAGES = [
+STAGES = [  # with the two folds of tiny_params's cross-validation (dvc.yaml's foreach)
     "synth",
     "ingest",
     "preprocess",
-    "train_segment",
+    "train_segment@0",
+    "train_segment@1",
     "evaluate_segment",
-    "train_classify",
+    "train_classify@0",
+    "train_classify@1",
     "evaluate_classify",
 ]
 
@@ -36,6 +38,7 @@ def tiny_params() -> dict:
             **small, epochs=2, pretrained="models/segment/model.pt", freeze_encoder_epochs=1
         ),
         segment=TaskTrainParams(**small, epochs=1),
+        folds=[0, 1],  # both folds: out-of-fold metrics and the ensemble, as in the demo
     )
     params = Params(
         synth=TINY_SYNTH,

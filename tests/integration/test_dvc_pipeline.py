@@ -37,7 +37,8 @@ def test_repro_noop_param_change_experiment_push_pull(
         "data/raw",
         "data/interim/manifest.parquet",
         "data/processed/manifest.parquet",
-        "models/segment/model.pt",
+        "models/segment/model.pt",  # the folds' ensemble
+        "models/segment/folds/1/model.pt",
         "models/classify/model_card.md",
         "plots/classify/roc.png",
         "plots/segment/dice_per_case.csv",
@@ -57,12 +58,22 @@ def test_repro_noop_param_change_experiment_push_pull(
     assert stages_run(out) == [], out
     assert json.loads(project.dvc("status", "--json")) == {}
 
+    # 2b. one fold's model lost: that fold alone retrains, bit for bit as before, so
+    # nothing downstream of it runs again
+    (root / "models/segment/folds/1/model.pt").unlink()
+    out = project.dvc("repro")
+    assert stages_run(out)[:1] == ["train_segment@1"], out
+    assert not {"train_segment@0", "train_classify@0", "train_classify@1"} & set(stages_run(out)), (
+        out
+    )
+    assert metrics_files(root) == dvc_project.first_metrics
+
     # 3. a classification training parameter: only classification retrains and re-evaluates
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["classify"]["lr"] = 0.002
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = project.dvc("repro")
-    assert stages_run(out) == ["train_classify", "evaluate_classify"], out
+    assert stages_run(out) == ["train_classify@0", "train_classify@1", "evaluate_classify"], out
     project.commit("classify lr 0.002")
 
     # 4. an experiment, read back
@@ -79,8 +90,8 @@ def test_repro_noop_param_change_experiment_push_pull(
     assert any(remote.rglob("*"))
     shutil.rmtree(root / ".dvc" / "cache")
     shutil.rmtree(root / "data")
-    for task in ("segment", "classify"):
-        (root / "models" / task / "model.pt").unlink()
+    for weights in (root / "models").rglob("model.pt"):  # the ensembles and the folds'
+        weights.unlink()
     project.dvc("pull")
     assert tracked_outputs(root) == before
     assert json.loads(project.dvc("status", "--json")) == {}
@@ -93,5 +104,6 @@ def test_two_repros_from_clean_give_identical_metrics(
     files, byte for byte, as the first repro of the session's project."""
     second = new_project(tmp_path / "second")
     second.dvc("repro")
-    assert len(dvc_project.first_metrics) == 4, sorted(dvc_project.first_metrics)
+    # per task: the test and cross-validation metrics, and each fold's training summary
+    assert len(dvc_project.first_metrics) == 6, sorted(dvc_project.first_metrics)
     assert metrics_files(second.root) == dvc_project.first_metrics

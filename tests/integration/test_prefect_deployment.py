@@ -144,8 +144,9 @@ def test_served_pipeline_deployment_runs_to_completion(
     # the report: what ran, what was skipped, metrics with CIs, the gate
     [report] = [a for a in artifacts if a.key == "medimg-pipeline"]
     text = report.data
-    assert "| train_classify | ran |" in text and "| evaluate_classify | ran |" in text
-    assert "| train_segment | up to date, skipped |" in text
+    assert "| train_classify@0 | ran |" in text and "| train_classify@1 | ran |" in text
+    assert "| evaluate_classify | ran |" in text
+    assert "| train_segment@0 | up to date, skipped |" in text
     assert "| ingest | up to date, skipped |" in text
     assert "| classify | auroc |" in text and "| segment | dice |" in text
     assert "## Registry" in text and "## Ingest QC" in text

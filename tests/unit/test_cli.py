@@ -55,7 +55,7 @@ def _listed_commands(help_text: str) -> list[str]:
 def _commands_run_by_the_project() -> set[str]:
     """The ``medimg`` commands dvc.yaml's stages and the Makefile's recipes run."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    words = [str(stage["cmd"]).split() for stage in stages.values()]
+    words = [str(stage.get("do", stage)["cmd"]).split() for stage in stages.values()]
     used = {w[1] for w in words if w[0] == "medimg"}
     recipes = (REPO / "Makefile").read_text()
     return used | set(re.findall(r"^\t\$\(BIN\)/medimg ([a-z][a-z-]*)", recipes, re.MULTILINE))

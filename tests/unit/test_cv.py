@@ -141,11 +141,12 @@ def test_cross_validation_scores_every_patient_out_of_fold_and_registers_the_ens
     if task == "classify":  # binary: one probability, the OOF threshold, a temperature
         t = result["ensemble"]["calibration"]["temperature"]
         assert float(ensemble.temperature) == pytest.approx(t)
+        files = [fold_dir(models, k) / "model.pt" for k in folds]
+        fold_models = [load_trained(task, params, f)[1] for f in files]
         fold_probs = [
-            predict_table(spec, params, load_trained(task, params, fold_dir(models, k) / "model.pt")[1],
-                          tiny_processed.processed, test)["probability"].to_numpy()
-            for k in folds
-        ]  # fmt: skip
+            predict_table(spec, params, m, tiny_processed.processed, test)["probability"]
+            for m in fold_models
+        ]
         want = apply_temperature(np.mean(fold_probs, axis=0), t)
         got = cases.set_index("key").loc[test["key"], "probability"].to_numpy()
         np.testing.assert_allclose(got, want, atol=1e-5)

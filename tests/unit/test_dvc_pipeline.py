@@ -74,7 +74,8 @@ def test_code_deps_are_exactly_the_imported_modules() -> None:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert set(stages) == set(ENTRY)
     for name, entry in ENTRY.items():
-        declared = {d for d in stages[name]["deps"] if d.startswith("medimg/")}
+        stage = stages[name].get("do", stages[name])  # a foreach stage: its template
+        declared = {d for d in stage["deps"] if d.startswith("medimg/")}
         expected = _closure(entry) - PLUMBING
         assert declared == expected, (
             f"{name}: missing {sorted(expected - declared)}, extra {sorted(declared - expected)}"
@@ -85,7 +86,7 @@ def test_stage_params_are_sections_of_params_yaml() -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        for key in stage.get("params", []):
+        for key in stage.get("do", stage).get("params", []):
             node = params
             for part in key.split("."):
                 assert part in node, f"{name}: params key {key} is not in params.yaml"
