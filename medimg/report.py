@@ -275,9 +275,12 @@ def _environment(env: dict[str, str]) -> str:
     versions = ", ".join(
         f"{k.split('.', 1)[1]} {v}" for k, v in env.items() if k.startswith("version.")
     )
+    # pinned, the machine decides nothing: left out, so that the card (a DVC output) is
+    # the same file on every machine, as the weights are
+    machine = "" if env.get("reproducible") == "true" else f", {env.get('machine', '?')}"
     return (
         f"{mode}; ran {env.get('cpu_capability', '?')} kernels on {env.get('threads', '?')}"
-        f" threads, {env.get('machine', '?')}; {versions}. {_lock(env)}"
+        f" threads{machine}; {versions}. {_lock(env)}"
     )
 
 

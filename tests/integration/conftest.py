@@ -54,7 +54,8 @@ def dvc_project(tmp_path_factory: pytest.TempPathFactory) -> DvcProject:
     project = new_project(tmp_path_factory.mktemp("dvc") / "project")
     out = project.dvc("repro")
     project.commit("first results")
-    return DvcProject(project, out, metrics_files(project.root))
+    lock = (project.root / "dvc.lock").read_text()
+    return DvcProject(project, out, metrics_files(project.root), lock)
 
 
 @pytest.fixture(scope="session")

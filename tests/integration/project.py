@@ -105,6 +105,7 @@ class DvcProject:
     project: Project
     first_repro: str  # what the first `dvc repro` printed
     first_metrics: dict[str, str]  # metrics files after it
+    first_lock: str  # dvc.lock after it
 
 
 def new_project(root: Path) -> Project:

@@ -100,10 +100,17 @@ def test_repro_noop_param_change_experiment_push_pull(
 def test_two_repros_from_clean_give_identical_metrics(
     dvc_project: DvcProject, tmp_path: Path
 ) -> None:
-    """Determinism on CPU: a second copy, reproduced from nothing, writes the same metrics
-    files, byte for byte, as the first repro of the session's project."""
+    """Determinism on CPU: a second copy, reproduced from nothing in an environment that
+    asks for other kernels and thread counts (as another machine would give), writes the
+    same metrics files, byte for byte, as the first repro of the session's project: the
+    reproducible mode pins them (tests/unit/test_runtime.py shows that unpinned they
+    differ)."""
     second = new_project(tmp_path / "second")
+    second.env |= {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     second.dvc("repro")
     # per task: the test and cross-validation metrics, and each fold's training summary
     assert len(dvc_project.first_metrics) == 6, sorted(dvc_project.first_metrics)
     assert metrics_files(second.root) == dvc_project.first_metrics
+    # and dvc.lock: every output (data, weights, model cards, plots) is the same file
+    lock = yaml.safe_load((second.root / "dvc.lock").read_text())
+    assert lock == yaml.safe_load(dvc_project.first_lock)
