@@ -16,7 +16,7 @@ from medimg.calibration import apply_temperature, fit_temperature, nll
 from medimg.config import Params, TrackingParams
 from medimg.models.ensemble import Ensemble, ensemble_state, first_member, n_members
 from medimg.stats import rounded
-from tests.helpers import Processed, train_params
+from tests.helpers import Cohort, Processed, train_params
 
 
 def _nets(outputs: int, n: int = 3) -> list[nn.Module]:
@@ -103,7 +103,7 @@ def _own_store(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["classify", "segment"])
 def test_cross_validation_scores_every_patient_out_of_fold_and_registers_the_ensemble(
-    tiny_processed: Processed, tmp_path: Path, task: str
+    tiny_cohort: Cohort, tiny_processed: Processed, tmp_path: Path, task: str
 ) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -180,6 +180,16 @@ def test_cross_validation_scores_every_patient_out_of_fold_and_registers_the_ens
     assert isinstance(champion, Ensemble) and len(champion.members) == 2
     for a, b in zip(champion.state_dict().values(), ensemble.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
+    # medimg predict with the registered ensemble, on the cohort's DICOM files
+    out = tmp_path / "predictions"
+    summary = stages.predict(params, tmp_path, tiny_cohort.raw, out, f"models:/{name}@champion")
+    rows = pd.read_csv(out / "predictions.csv")
+    assert summary["task"] == task and len(rows) == len(table)  # every series predicted
+    assert (rows["status"] == "predicted").all() and (rows["model_version"] == 1).all()
+    if task == "classify":  # at the threshold chosen out of fold
+        assert rows["threshold"].tolist() == [result["threshold"]] * len(rows)
+    else:
+        assert all((out / k / "seg.dcm").is_file() for k in rows["key"])
     # a second evaluation (a new parent run) goes through the gate against the champion:
     # both are ensembles, scored on the same test patients
     stages.evaluate(params, task, tmp_path)
