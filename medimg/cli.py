@@ -208,9 +208,18 @@ def evaluate(task: str = TASK_OPTION, params_file: Path = PARAMS_OPTION) -> None
         result = stages.evaluate(params, task)
     from medimg.report import metric_rows
 
-    for owner, name, m in metric_rows(result):
-        what = f"{owner} {name}" if owner else name
-        typer.echo(f"{task} {what}: {m['value']} (95% CI {m['ci_lower']} to {m['ci_upper']})")
+    parts = [("", result), ("cross-validation ", result.get("cv") or {})]
+    for part, source in parts:  # the test patients, then out of fold
+        for owner, name, m in metric_rows(source):
+            what = f"{owner} {name}" if owner else name
+            ci = f"95% CI {m['ci_lower']} to {m['ci_upper']}"
+            typer.echo(f"{task} {part}{what}: {m['value']} ({ci})")
+    calibration = (result.get("ensemble") or {}).get("calibration")
+    if calibration:
+        typer.echo(
+            f"{task} temperature {calibration['temperature']} (out of fold): test ECE "
+            f"{calibration['test_ece_before']} -> {calibration['test_ece_after']}"
+        )
 
 
 def _decision(task: str, d: Any) -> None:
