@@ -29,6 +29,8 @@ from medimg.errors import DicomError
 from medimg.io import atomic_write_text
 from medimg.volume import align_mask, content_hash, save_nifti, stack_volume
 
+FINGERPRINT = ".fingerprint"  # records/<key>.fingerprint (IngestPaths.records)
+
 
 @dataclass(frozen=True)
 class IngestPaths:
@@ -50,7 +52,7 @@ class IngestPaths:
         return self.out / "masks"
 
     @property
-    def records(self) -> Path:
+    def records(self) -> Path:  # per series: <key>.json, its row; <key>.fingerprint
         return self.out / "records"
 
     @property
@@ -162,12 +164,21 @@ def ingest_stack(job: Job, cfg: IngestParams, paths: IngestPaths, threads: int =
         "intensity_p01": round(float(p01), 3),
         "intensity_p99": round(float(p99), 3),
         "content_hash": volume_hash,
-        "fingerprint": job.fingerprint,
         "unmatched_structures": dict(sorted(unmatched.items())),
         "annotation_rejections": [[str(r.path), r.reason, r.detail] for r in set_aside],
     }
     atomic_write_text(paths.records / f"{job.key}.json", json.dumps(record, sort_keys=True))
+    # last (a record without it is redone); .dvcignore'd: sizes and mtimes vary by machine
+    atomic_write_text(paths.records / f"{job.key}{FINGERPRINT}", job.fingerprint)
     return StackResult(record=record, rejected=set_aside)
+
+
+def read_fingerprint(paths: IngestPaths, key: str) -> str | None:
+    """The fingerprint series ``key`` was ingested with (None: never, or not to the end)."""
+    try:
+        return (paths.records / f"{key}{FINGERPRINT}").read_text()
+    except OSError:
+        return None
 
 
 def annotated_job(

@@ -26,7 +26,7 @@ import torch
 
 from medimg.config import Params
 from medimg.errors import ConfigError
-from medimg.io import atomic_path, atomic_write_text
+from medimg.io import atomic_path, atomic_write_text, remove_spare
 from medimg.models.ensemble import Ensemble
 from medimg.tasks import TaskSpec
 
@@ -98,13 +98,13 @@ def save_ensemble(
 ) -> None:
     """``model_dir/model.pt`` (the ensemble's weights, with what loading it needs),
     ``config.json`` (the resolved config) and the folds' training summaries."""
-    from medimg.checkpoint import weights_payload
+    from medimg.checkpoint import save, weights_payload
 
     payload = weights_payload(ensemble, spec.name, params.model_dump(mode="json"), spec.describe())
     payload["members"] = len(folds)
     payload["folds"] = json.dumps(folds)
-    with atomic_path(model_dir / "model.pt") as tmp:
-        torch.save(payload, tmp)
+    save(payload, model_dir / "model.pt")  # byte for byte the same for the same weights
+    remove_spare(model_dir / "model.pt")
     config = fold_dir(model_dir, folds[0]) / "config.json"
     if config.is_file():
         with atomic_path(model_dir / "config.json") as tmp:

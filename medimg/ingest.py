@@ -44,6 +44,7 @@ from medimg.conversion import (
     annotation_files,
     ingest_stack,
     match_annotations,
+    read_fingerprint,
 )
 from medimg.conversion import pseudonymizer as _pseudonymizer
 from medimg.data import manifest as manifest_io
@@ -213,7 +214,7 @@ def plan_ingest(
         old = _read_record(paths.records / f"{key}.json")
         if (
             old is not None
-            and old.get("fingerprint") == fingerprint
+            and read_fingerprint(paths, key) == fingerprint
             and (paths.out / str(old.get("volume", "-"))).is_file()
         ):
             plan.reused.append(old)  # with the annotations it set aside then

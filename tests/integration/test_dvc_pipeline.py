@@ -59,13 +59,11 @@ def test_repro_noop_param_change_experiment_push_pull(
     assert json.loads(project.dvc("status", "--json")) == {}
 
     # 2b. one fold's model lost: that fold alone retrains, bit for bit as before, so
-    # nothing downstream of it runs again
+    # nothing downstream of it runs again (.dvcignore keeps the folder's checkpoint and
+    # MLflow run file out of evaluation's dependency)
     (root / "models/segment/folds/1/model.pt").unlink()
     out = project.dvc("repro")
-    assert stages_run(out)[:1] == ["train_segment@1"], out
-    assert not {"train_segment@0", "train_classify@0", "train_classify@1"} & set(stages_run(out)), (
-        out
-    )
+    assert stages_run(out) == ["train_segment@1"], out
     assert metrics_files(root) == dvc_project.first_metrics
 
     # 3. a classification training parameter: only classification retrains and re-evaluates

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from medimg.calibration import apply_temperature, fit_temperature, nll
@@ -192,6 +193,17 @@ def test_cross_validation_scores_every_patient_out_of_fold_and_registers_the_ens
         assert all((out / k / "seg.dcm").is_file() for k in rows["key"])
     # a second evaluation (a new parent run) goes through the gate against the champion:
     # both are ensembles, scored on the same test patients
-    stages.evaluate(params, task, tmp_path)
+    from typer.testing import CliRunner
+
+    from medimg.cli import app
+
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    said = CliRunner().invoke(app, ["evaluate", "--task", task, "--params", str(pfile)])
+    assert said.exit_code == 0, said.output
+    headline = "macro_auroc" if task == "classify" and len(spec.labels) > 2 else "auroc"
+    headline = headline if task == "classify" else "dice"
+    assert f"{task} {headline}: " in said.output  # the test patients
+    assert f"{task} cross-validation {headline}: " in said.output  # out of fold
     second = stages.register(params, task, tmp_path)
     assert second.version != decision.version and not second.promoted  # no better
