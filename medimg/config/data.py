@@ -63,7 +63,7 @@ class SynthParams(StrictModel):
     oblique_deg: Range = (12.0, 25.0)  # [min, max] tilt of oblique stacks off axial, degrees
     shuffle_instance_fraction: Fraction = 0.25  # series whose InstanceNumber ignores position
     descending_fraction: Fraction = 0.3  # series stacked against the slice normal
-    noise_hu: float = Field(12.0, ge=0.0)  # Gaussian image noise (CT HU; MR scaled alike)
+    noise_hu: float = Field(10.0, ge=0.0)  # Gaussian image noise (CT HU; MR scaled alike)
     centre_jitter_mm: float = Field(6.0, ge=0.0)  # random shift of each series' grid, mm
     seg_fraction: Fraction = 0.0  # share of series annotated as DICOM SEG (in data/masks)
     rtstruct_fraction: Fraction = 0.0  # share annotated as RTSTRUCT; the rest: NIfTI
@@ -143,7 +143,7 @@ class PreprocessParams(StrictModel):
     spatial_size: IntTriple = (64, 48, 48)  # output grid after crop/pad, voxels (R, A, S)
     anisotropy_ratio: float = Field(3.0, gt=1)  # coarsest/finest source spacing above which
     # the coarse axis is interpolated with nearest neighbour (nnU-Net's rule)
-    ct_window_hu: Range = (-200.0, 300.0)  # CT clamp, Hounsfield units, mapped to [0, 1]
+    ct_window_hu: Range = (-160.0, 240.0)  # CT clamp, HU, to [0, 1]: the abdominal window
     mr_normalization: Literal["percentile", "zscore"] = "percentile"  # MR has no fixed unit
     mr_percentiles: Range = (0.5, 99.5)  # MR percentiles mapped to [0, 1], non-zero voxels
     foreground_threshold: float = 0.05  # scaled intensity above which a voxel is body

@@ -24,7 +24,7 @@ LESIONS = (LESION, CYST)  # the codes of every lesion kind
 # cancellous bone 650 on average. A solid lesion gets SynthParams.lesion_contrast_hu on
 # top of soft tissue (its 40 here) and a texture of +-25 HU; a simple cyst is water-like
 # (0-20 HU), homogeneous and non-enhancing.
-CT_HU = np.array([-1000.0, -100.0, 40.0, -820.0, 650.0, 60.0, 40.0, 10.0])
+CT_HU = np.array([-1000.0, -100.0, 40.0, -820.0, 650.0, 60.0, 40.0, 5.0])
 # T1-weighted spin echo by tissue code, a.u.: fat brightest, liver below muscle-like soft
 # tissue; solid lesions brighter than liver, cysts (free water, long T1) dark, well below
 # liver yet above aerated lung.
