@@ -54,12 +54,13 @@ def metrics_files(root: Path) -> dict[str, str]:
 
 
 def tracked_outputs(root: Path) -> dict[str, str]:
-    """md5 of every file DVC tracks in the cache (data and weights)."""
+    """md5 of every file DVC tracks in the cache (data and weights; not what .dvcignore
+    leaves on the machine that wrote it)."""
     files = [*(root / "data").rglob("*"), *(root / "models").rglob("model.pt")]
     return {
         str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
         for p in files
-        if p.is_file() and p.name != "quarantine.csv"
+        if p.is_file() and p.name != "quarantine.csv" and p.suffix != ".fingerprint"
     }
 
 
