@@ -296,16 +296,20 @@ def _lookup(params: dict[str, Any], dotted: str) -> Any:
 def declared_paths(params: BaseModel, dvc: dict[str, Any], makefile: str) -> set[str]:
     """The paths the project creates at run time (see the module docstring)."""
     raw = list(_path_settings(params))
+    values = params.model_dump(mode="json")
     for stage in dvc.get("stages", {}).values():
+        body, items = stage.get("do", stage), stage.get("foreach", [None])
+        if isinstance(items, str):  # foreach: ${train.folds}, a list in the params
+            items = _lookup(values, items.strip("${} "))
         for field in ("outs", "metrics", "plots"):
-            for entry in stage.get(field, []):
-                raw += [entry] if isinstance(entry, str) else list(entry)
+            for entry in body.get(field, []):
+                for path in [entry] if isinstance(entry, str) else list(entry):
+                    raw += [path.replace("${item}", str(item)) for item in items]
     for plot in dvc.get("plots", []):
         for spec in plot.values() if isinstance(plot, dict) else [plot]:
             raw += list(spec.get("y", {})) if isinstance(spec, dict) else [str(spec)]
     raw.append("dvc.lock")
     raw += re.findall(r"^VENV\s*\??=\s*(\S+)", makefile, re.M)
-    values = params.model_dump(mode="json")
     resolved = (
         re.sub(r"\$\{([\w.]+)\}", lambda m: str(_lookup(values, m.group(1))), p) for p in raw
     )
