@@ -10,6 +10,7 @@ patients, and the macro AUROC by vendor and modality.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -32,6 +33,7 @@ from medimg.stats import breakdowns, rounded, with_ci
 from medimg.tasks.base import Batch, Item, TaskSpec
 
 BINARY = ("0", "1")
+log = logging.getLogger(__name__)
 
 
 def probability_column(name: str) -> str:
@@ -255,12 +257,17 @@ class Classification(TaskSpec):
     def calibrate(self, oof: pd.DataFrame) -> tuple[float, pd.DataFrame, dict[str, Any]]:
         y = oof["label"].to_numpy()
         p = oof["probability"].to_numpy(dtype=float) if self.binary else self._probs(oof)
-        temperature = fit_temperature(y, p)
+        try:
+            temperature = fit_temperature(y, p)
+            fitted = f"{len(oof)} out-of-fold series (negative log-likelihood)"
+        except ValueError as err:  # one class out of fold: nothing to fit, T stays 1
+            log.warning("temperature scaling skipped: %s (list more folds)", err)
+            temperature, fitted = 1.0, f"not fitted: {err}"
         scaled = self.with_temperature(oof, temperature)
         after = scaled["probability"].to_numpy() if self.binary else self._probs(scaled)
         info = {
             "temperature": temperature,
-            "fitted_on": f"{len(oof)} out-of-fold series (negative log-likelihood)",
+            "fitted_on": fitted,
             "oof_ece_before": rounded(self._ece(oof)),
             "oof_ece_after": rounded(self._ece(scaled)),
             "oof_nll_before": rounded(nll(y, p)),

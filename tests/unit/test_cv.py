@@ -85,6 +85,18 @@ def test_temperature_scaling_undoes_overconfidence() -> None:
         fit_temperature([1, 1, 1], [0.2, 0.7, 0.9])
 
 
+def test_out_of_fold_cases_of_one_class_leave_the_temperature_at_one() -> None:
+    from medimg.tasks import get_task
+
+    spec = get_task("classify")  # binary
+    oof = pd.DataFrame({"label": [1, 1, 1], "probability": [0.2, 0.7, 0.9], "patient": "p"})
+    t, scaled, info = spec.calibrate(oof)
+    assert t == 1.0 and info["fitted_on"].startswith("not fitted")
+    pd.testing.assert_frame_equal(scaled, oof)
+    fitted = spec.calibrate(oof.assign(label=[0, 1, 1]))[2]
+    assert fitted["fitted_on"].startswith("3 out-of-fold series")
+
+
 def _cv_params(p: Processed, out: Path, **task: object) -> Params:
     params = train_params(p, out, epochs=2, **task)
     folds = list(range(params.split.n_folds))
