@@ -190,8 +190,10 @@ def train(
         with _user_errors():
             result = stages.train(params, task, resume=resume, fold=k)
         where = params.data.models / task
-        if folds is not None:
-            where = where / "folds" / str(k)
+        if folds is not None and k is not None:
+            from medimg.cv import fold_dir
+
+            where = fold_dir(where, k)
         typer.echo(
             f"{task}: best validation {metric} {result.best_metric:.3f} at epoch "
             f"{result.best_epoch} of {result.epochs_run}; weights in {where}/model.pt"

@@ -96,8 +96,8 @@ def out_of_fold(
 def save_ensemble(
     ensemble: Ensemble, spec: TaskSpec, params: Params, model_dir: Path, folds: list[int]
 ) -> None:
-    """``model_dir/model.pt`` (the ensemble's weights, with what loading it needs),
-    ``config.json`` (the resolved config) and the folds' training summaries."""
+    """``model_dir/model.pt`` (the ensemble's weights, with what loading it needs) and
+    ``config.json`` (the first fold's resolved config)."""
     from medimg.checkpoint import save, weights_payload
 
     payload = weights_payload(ensemble, spec.name, params.model_dump(mode="json"), spec.describe())
@@ -118,12 +118,13 @@ def evaluate_cv(
     model_dir: Path,
     plots_dir: Path,
     members: list[torch.nn.Module],
-) -> dict[str, Any]:
-    """Steps 1 to 4 of the module docstring; the ``metrics/<task>.json`` entries."""
+    table: pd.DataFrame,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Steps 1 to 4 of the module docstring over the processed manifest ``table``: the
+    ``metrics/<task>.json`` entries, and the test cases as the ensemble scored them."""
     from medimg.scoring import predict_table
 
     folds = params.cv_folds() or []
-    table = pd.read_parquet(processed / "manifest.parquet")
     oof = out_of_fold(spec, params, processed, members, folds, table)
     temperature, calibrated, calibration = spec.calibrate(oof)
     ensemble = Ensemble(members)  # T = 1: the test cases before calibration
@@ -151,8 +152,7 @@ def evaluate_cv(
         "combination": "mean of the fold models' probabilities",
         "calibration": calibration or None,
     }
-    result["_cases"] = test
-    return result
+    return result, test
 
 
 def write_ensemble_card(

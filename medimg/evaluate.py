@@ -67,12 +67,12 @@ def evaluate(
     else:  # cross-validation: out-of-fold metrics, the ensemble on the test patients
         from medimg import cv
 
-        spec, members = cv.load_members(task, params, model_file.parent, folds)
         model_dir = model_file.parent
-        result.update(cv.evaluate_cv(spec, params, processed, model_dir, plots_dir, members))
-        pred = result.pop("_cases")
+        spec, members = cv.load_members(task, params, model_dir, folds)
+        found, pred = cv.evaluate_cv(spec, params, processed, model_dir, plots_dir, members, table)
+        result.update(found)
         histories = [cv.fold_metrics_file(metrics_file.parent, spec.name, k) for k in folds]
-        cv.write_ensemble_card(model_file.parent, spec, params, histories, result)
+        cv.write_ensemble_card(model_dir, spec, params, histories, result)
     result["task"] = spec.name
     with atomic_path(plots_dir / "cases.csv") as tmp:  # per case, pseudonymous keys only
         pred.to_csv(tmp, index=False)

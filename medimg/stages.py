@@ -240,13 +240,14 @@ def evaluate(params: Params, task: str, root: Path = Path(".")) -> dict[str, Any
         from medimg import tracking
 
         folds = params.cv_folds()
-        args = (params, task, root, model_dir, processed, result, metrics_file, plots_dir)
-        if folds is None:
-            tracking.log_evaluation(*args)
-        else:
+        if folds is not None:  # the ensemble's run, to which the evaluation goes
             from medimg.cv import fold_dir
 
-            tracking.log_cv_evaluation(*args, [fold_dir(model_dir, k) for k in folds])
+            fold_dirs = [fold_dir(model_dir, k) for k in folds]
+            tracking.open_cv_run(params, task, root, model_dir, processed, fold_dirs)
+        tracking.log_evaluation(
+            params, task, root, model_dir, processed, result, metrics_file, plots_dir
+        )
     return result
 
 

@@ -24,6 +24,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
+from prefect.futures import wait
 from prefect.runtime import flow_run
 
 from medimg import stages
@@ -45,9 +46,10 @@ def dvc_stages(root: Path) -> list[list[str]]:
             groups.append([name])
             continue
         if isinstance(items, str):  # ${train.folds}: a list in params.yaml
+            node = params
             for part in items.strip("${} ").split("."):
-                params = params[part]
-            items, params = params, yaml.safe_load((root / "params.yaml").read_text()) or {}
+                node = node[part]
+            items = node
         groups.append([f"{name}@{item}" for item in items])
     return groups
 
@@ -101,8 +103,9 @@ def reproduce_folds(params: Params, root: Path, names: list[str]) -> dict[str, b
             run_stage_command.submit(root, n, cmd, gpus[(start + i) % len(gpus)] if gpus else "")
             for i, (n, cmd) in enumerate(batch)
         ]
+        wait(futures)  # the whole batch, then the first failure (if any) raises
         for future in futures:
-            future.result()  # raises the first failure, after its batch has finished
+            future.result()
     if todo:
         commit_stages(root, list(todo))
     return {n: n in todo for n in names}

@@ -235,28 +235,24 @@ class Classification(TaskSpec):
         plots.plot_confusion(y, p, threshold, plots_dir)
         return result
 
-    def _score_columns(self) -> list[str]:
-        return ["probability"] if self.binary else self.probability_columns()
+    def _scores(self, f: pd.DataFrame) -> npt.NDArray[np.float64]:
+        """The case scores of a per-case table: (n,) of one probability, or (n, K)."""
+        return f["probability"].to_numpy(dtype=float) if self.binary else self._probs(f)
 
     def calibration_error(self, cases: pd.DataFrame) -> float | None:
         return rounded(self._ece(cases))
 
     def _ece(self, f: pd.DataFrame) -> float:
-        y = f["label"].to_numpy()
-        if self.binary:
-            return M.expected_calibration_error(y, f["probability"].to_numpy())
-        return MC.expected_calibration_error(y, self._probs(f))
+        ece = M.expected_calibration_error if self.binary else MC.expected_calibration_error
+        return ece(f["label"].to_numpy(), self._scores(f))
 
     def with_temperature(self, cases: pd.DataFrame, temperature: float) -> pd.DataFrame:
-        cols, out = self._score_columns(), cases.copy()
-        p = out[cols[0]].to_numpy(dtype=float) if self.binary else self._probs(out)
-        scaled = apply_temperature(p, temperature)
-        out[cols] = scaled[:, None] if self.binary else scaled  # argmax: unchanged
-        return out
+        out = cases.copy()
+        out[self.case_score("")] = apply_temperature(self._scores(out), temperature)
+        return out  # the order of the cases and classes (argmax) is unchanged
 
     def calibrate(self, oof: pd.DataFrame) -> tuple[float, pd.DataFrame, dict[str, Any]]:
-        y = oof["label"].to_numpy()
-        p = oof["probability"].to_numpy(dtype=float) if self.binary else self._probs(oof)
+        y, p = oof["label"].to_numpy(), self._scores(oof)
         try:
             temperature = fit_temperature(y, p)
             fitted = f"{len(oof)} out-of-fold series (negative log-likelihood)"
@@ -264,7 +260,7 @@ class Classification(TaskSpec):
             log.warning("temperature scaling skipped: %s (list more folds)", err)
             temperature, fitted = 1.0, f"not fitted: {err}"
         scaled = self.with_temperature(oof, temperature)
-        after = scaled["probability"].to_numpy() if self.binary else self._probs(scaled)
+        after = self._scores(scaled)
         info = {
             "temperature": temperature,
             "fitted_on": fitted,

@@ -18,7 +18,7 @@
 """
 
 from medimg.stats import paired_difference
-from medimg.tracking.crossval import log_cv_evaluation
+from medimg.tracking.crossval import open_cv_run
 from medimg.tracking.lineage import (
     dvc_dir_md5,
     file_md5,
@@ -85,10 +85,10 @@ __all__ = [
     "load_bundle",
     "load_model",
     "load_state_dict",
-    "log_cv_evaluation",
     "log_evaluation",
     "log_model",
     "metric_values",
+    "open_cv_run",
     "paired_difference",
     "prefect_flow_run_id",
     "pretrained_file",

@@ -7,36 +7,37 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from medimg.config import Params
 from medimg.io import atomic_write_text
-from medimg.tracking.lineage import flatten, lineage_tags
+from medimg.tracking.lineage import lineage_tags
 from medimg.tracking.pyfunc import log_model
-from medimg.tracking.runs import RUN_FILE, _artifact, _read_run_file, environment_tags
-from medimg.tracking.runs import log_evaluation as _log_evaluation
+from medimg.tracking.runs import (
+    RUN_FILE,
+    _artifact,
+    _read_run_file,
+    environment_tags,
+    log_params,
+)
 from medimg.tracking.store import configure, experiment_id, retrying
 
 PARENT = "mlflow.parentRunId"
 
 
-def log_cv_evaluation(
+def open_cv_run(
     params: Params,
     task: str,
     root: Path,
     model_dir: Path,
     processed: Path,
-    result: Mapping[str, Any],
-    metrics_file: Path,
-    plots_dir: Path,
     fold_dirs: list[Path],
 ) -> str:
-    """Open the parent run, nest the runs of the folds trained in ``fold_dirs`` under it,
-    log the ensemble's model and the evaluation; write ``model_dir``'s run file for
-    ``medimg register``. Returns the parent run's id."""
-    from mlflow.entities import Param, RunTag
+    """The parent run of an evaluation of the fold ensemble: nest the runs of the folds
+    trained in ``fold_dirs`` under it, log the ensemble's model (``model_dir``) and write
+    ``model_dir``'s run file, which :func:`~medimg.tracking.runs.log_evaluation` then
+    adds the metrics to and ``medimg register`` registers from. Returns its id."""
+    from mlflow.entities import RunTag
 
     client, cfg = configure(params, root), params.tracking
     folds = params.cv_folds() or []
@@ -51,9 +52,7 @@ def log_cv_evaluation(
     children = [_read_run_file(d) for d in fold_dirs]
 
     def describe() -> None:
-        flat = [Param(k, v) for k, v in flatten(params.model_dump(mode="json")).items()]
-        for i in range(0, len(flat), 100):
-            client.log_batch(run_id, params=flat[i : i + 100])
+        log_params(client, run_id, params)
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         for child in children:
             if child and child.get("experiment_id") == exp:
@@ -65,6 +64,5 @@ def log_cv_evaluation(
     uri = retrying(cfg, "logging the model", lambda: log_model(params, task, model_dir, run_id))
     record = {"run_id": run_id, "experiment_id": exp, "task": task, "model_uri": uri}
     atomic_write_text(model_dir / RUN_FILE, json.dumps(record, indent=1))
-    _log_evaluation(params, task, root, model_dir, processed, result, metrics_file, plots_dir)
-    client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(run_id, "FINISHED")  # as a training run: evaluation adds to it
     return run_id

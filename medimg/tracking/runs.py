@@ -158,14 +158,11 @@ class TrainRun:
         tags.update(environment_tags())  # from the start: a run that dies keeps them too
 
         def describe() -> None:
-            from mlflow.entities import DatasetInput, InputTag, Param, RunTag
+            from mlflow.entities import DatasetInput, InputTag, RunTag
 
             client, run_id = self.client, self.run_id
-            flat = flatten(self.params.model_dump(mode="json"))
             if not previous:  # a resumed run has its params already (they cannot change)
-                params = [Param(k, v) for k, v in flat.items()]
-                for i in range(0, len(params), 100):
-                    client.log_batch(run_id, params=params[i : i + 100])
+                log_params(client, run_id, self.params)
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             keep = ["key", "patient", "modality", "vendor", "plane", "label", "split"]
             with warnings.catch_warnings():  # the manifest's int columns are meant as ints
@@ -263,6 +260,15 @@ class TrainRun:
                 self.client.set_terminated(self.run_id, "FAILED")
             except (MlflowException, OSError) as err:
                 log.warning("MLflow: could not mark run %s failed (%s)", self.run_id, err)
+
+
+def log_params(client: MlflowClient, run_id: str, params: Params) -> None:
+    """Every parameter, flattened (``train.classify.lr``), in MLflow's batches of 100."""
+    from mlflow.entities import Param
+
+    flat = [Param(k, v) for k, v in flatten(params.model_dump(mode="json")).items()]
+    for i in range(0, len(flat), 100):
+        client.log_batch(run_id, params=flat[i : i + 100])
 
 
 def environment_tags() -> dict[str, str]:
