@@ -40,9 +40,12 @@ for _name in ("MLFLOW_TRACKING_URI", "MEDIMG_MLFLOW_URI", "PREFECT_API_URL"):
     PROJECT_ENV.pop(_name, None)
 
 
-def run(root: Path, *args: str) -> str:
-    """Run a command in a project copy; exit with its output if it fails."""
-    done = subprocess.run(args, cwd=root, env=PROJECT_ENV, capture_output=True, text=True)
+def run(root: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run a command in a project copy (with ``env``, default :data:`PROJECT_ENV`); exit
+    with its output if it fails."""
+    done = subprocess.run(
+        args, cwd=root, env=PROJECT_ENV if env is None else env, capture_output=True, text=True
+    )
     if done.returncode:
         sys.exit(f"{' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return done.stdout

@@ -22,15 +22,13 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-from bench.cohort import BIN, PROJECT_ENV, run, scratch_project
+from cohort import BIN, PROJECT_ENV, run, scratch_project
 
 TARGETS = {"classify": 0.90, "segment": 0.80}  # per class AUROC, per structure Dice
 TASKS = ("segment", "classify")
@@ -66,10 +64,7 @@ def _run_seed(root: Path, seed: int, tag: str, env: dict[str, str]) -> dict[str,
     t0 = time.perf_counter()
     for task in TASKS:
         for command in ("train", "evaluate"):
-            args = [str(BIN / "medimg"), command, "--task", task, "--params", str(pfile)]
-            done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"{tag}: {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+            run(root, str(BIN / "medimg"), command, "--task", task, "--params", str(pfile), env=env)
     files = {task: (out / "metrics" / f"{task}.json").read_text() for task in TASKS}
     return {"tag": tag, "seed": seed, "seconds": time.perf_counter() - t0, "files": files}
 
