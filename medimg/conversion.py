@@ -340,7 +340,7 @@ def write_label_map(
     labels = structure_labels(job.structures)
     for path in job.annotations:
         try:
-            part, names = rasterise(read_annotation(path), shape, affine, labels)
+            part, names = rasterise(path, shape, affine, labels)
         except DicomError as e:
             detail = f"series {job.key}: {str(e).removeprefix(f'{path}: ')}"
             rejected.append(Rejection(path, "annotation_geometry", detail, key=job.key))

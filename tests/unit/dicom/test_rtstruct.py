@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from medimg.config import LESION, CodeParams, StructureParams
-from medimg.dicom.annotations import rasterise, read_annotation, structure_labels
+from medimg.dicom.annotations import contour_points, rasterise, read_annotation, structure_labels
 from medimg.dicom.rtstruct import plane_outlines, write_rtstruct
 from medimg.errors import DicomError
 from tests.helpers import dicom_problems, generated_series
@@ -114,3 +114,29 @@ def test_unmatched_roi_names_are_returned_not_dropped(generated, tmp_path: Path)
     back, unmatched = rasterise(read_annotation(path), shape, affine, structure_labels([LESION]))
     assert unmatched == ("body", "liver")
     assert np.array_equal(back, (three_structures(shape) == 3).astype(np.uint8))
+
+
+def test_contour_points_from_the_file_bytes_equal_pydicoms_values() -> None:
+    """pydicom's own RTSTRUCT (implicit VR): the bytes parsed at once give every value that
+    pydicom's DS conversion gives, for every contour."""
+    path = pydicom.data.get_testdata_file("rtstruct.dcm")
+    raw, converted = pydicom.dcmread(path, force=True), pydicom.dcmread(path, force=True)
+    count = 0
+    for roi_raw, roi in zip(raw.ROIContourSequence, converted.ROIContourSequence, strict=True):
+        for c_raw, c in zip(roi_raw.ContourSequence, roi.ContourSequence, strict=True):
+            assert isinstance(c_raw.get_item(0x30060050).value, bytes)  # not yet converted
+            expected = np.reshape(np.asarray(c.ContourData, dtype=np.float64), (-1, 3))
+            assert np.array_equal(contour_points(c_raw), expected)
+            count += 1
+    assert count >= 3
+
+
+def test_damaged_contour_data_names_the_file(generated, tmp_path: Path) -> None:
+    _, sources, shape, affine = generated[0]
+    path = tmp_path / "rt.dcm"
+    ds = write_rtstruct(three_structures(shape), affine, sources, STRUCTURES, path)
+    contour = ds.ROIContourSequence[0].ContourSequence[0]
+    contour.ContourData = list(contour.ContourData)[:-1]  # two coordinates of a point left
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(DicomError, match=r"rt\.dcm: damaged RTSTRUCT \(ValueError\)"):
+        rasterise(read_annotation(path), shape, affine, structure_labels(STRUCTURES))
