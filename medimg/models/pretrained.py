@@ -18,7 +18,8 @@ and prefix ``encoder.`` for the segmenter, whose backbone is FlexibleUNet's ResN
 architecture depth before hours of training on random weights.
 
 Note on shortcuts (``layerN.0.downsample.*``): the 3D classifier and FlexibleUNet's
-ResNet-18/34 encoder (2D or 3D) use parameter-free ones, as MedicalNet does; the 2D
+encoder (2D or 3D) use MedicalNet's: parameter-free for ResNet-18/34, projections without
+bias for ResNet-10/50 (MONAI's ``resnet_params``). The 2D
 classifier uses torchvision's projections (without bias), so an ImageNet ResNet loads into
 it completely. Where the layouts differ the 15 projection tensors go unused (torchvision
 into a segmenter) or stay missing: a 2D segmenter's encoder gives a 2D ResNet-18 classifier

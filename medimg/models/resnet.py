@@ -85,15 +85,19 @@ def build_classifier(cfg: TaskTrainParams, in_channels: int = 1, outputs: int = 
     from monai.networks.nets import resnet
 
     factory = getattr(resnet, cfg.arch)
+    # The shortcuts of MedicalNet's releases, as MONAI's table has them and FlexibleUNet's
+    # encoder builds them: projections without bias (type B) for ResNet-10 and -50,
+    # parameter-free (A) for ResNet-18 and -34. Matching them lets MedicalNet checkpoints
+    # and the segmenter's encoder load completely, downsampling projections included.
+    _, _, shortcut, bias_downsample, _ = resnet_params[cfg.arch]
     model = factory(
         spatial_dims=cfg.spatial_dims,
         n_input_channels=in_channels,
         num_classes=outputs,
         conv1_t_stride=cfg.conv1_stride,
         conv1_t_size=7,
-        # MedicalNet's ResNet-10/18/34 use parameter-free shortcuts (type A), deeper ones
-        # projections (B); matching them lets its checkpoints load completely.
-        shortcut_type="B" if cfg.arch == "resnet50" else "A",
+        shortcut_type=shortcut,
+        bias_downsample=bias_downsample,
     )
     if getattr(cfg, "pooling", "avg") == "max":  # ClassifyParams.pooling
         model.avgpool = nn.AdaptiveMaxPool3d(1)  # the name MONAI's forward calls

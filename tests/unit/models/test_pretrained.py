@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import resnet18, resnet34
+from monai.networks.nets import resnet10, resnet18, resnet34
 from torch import nn
 
 from medimg.config import TaskTrainParams
@@ -209,6 +209,21 @@ def test_medicalnet_shortcut_a_fits_segmenter_and_classifier(tmp_path: Path) -> 
     assert load_pretrained(segmenter(), path, "segment").fraction == 1.0
     report = load_pretrained(classifier(), path, "classify")
     assert report.fraction == 1.0 and report.missing == []
+
+
+def test_medicalnet_resnet10_projections_fit_segmenter_and_classifier(tmp_path: Path) -> None:
+    # MedicalNet's ResNet-10 has projection shortcuts without bias (type B, MONAI's
+    # resnet_params), as the segmenter's ResNet-10 encoder has: the classifier builds them
+    # too, so every tensor loads, the three projections and their batch norms included.
+    src = resnet10(spatial_dims=3, n_input_channels=1, shortcut_type="B", bias_downsample=False)
+    path = tmp_path / "resnet_10_23dataset.pth"
+    sd = src.state_dict()
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items() if "fc" not in k}}, path)
+    seg = build_segmenter(TaskTrainParams(arch="resnet10"))
+    assert load_pretrained(seg, path, "segment").fraction == 1.0
+    report = load_pretrained(build_classifier(TaskTrainParams(arch="resnet10")), path, "classify")
+    assert report.fraction == 1.0 and report.missing == [] and report.unexpected == []
+    assert sum(".downsample." in k for k in report.loaded) == 15  # 3 x (conv, 4 of its norm)
 
 
 def test_medimg_checkpoint_round_trip_with_head(tmp_path: Path) -> None:
