@@ -315,7 +315,7 @@ def train_params(p: Processed, out: Path, epochs: int = 3, **task: object) -> Pa
     train = TrainParams(
         fold=validation_fold(p),
         classify=TaskTrainParams(arch="resnet10", epochs=epochs, batch_size=4, patience=50, **task),  # type: ignore[arg-type]
-        segment=TaskTrainParams(arch="resnet10", epochs=epochs, batch_size=2, patience=50, **task),  # type: ignore[arg-type]
+        segment=TaskTrainParams(arch="resnet18", epochs=epochs, batch_size=2, patience=50, **task),  # type: ignore[arg-type]
     )
     return p.params.model_copy(update={"data": data, "train": train})
 

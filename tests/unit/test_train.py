@@ -127,10 +127,9 @@ def test_trained_segmenter_encoder_initialises_the_classifier(
     weights = tmp_path / "pre" / "models" / "segment" / "model.pt"
     trained = torch.load(weights, weights_only=True)["model"]
 
-    model = build_classifier(TaskTrainParams(arch="resnet10"))
+    model = build_classifier(TaskTrainParams(arch="resnet18"))
     report = load_pretrained(model, weights, "classify")
-    assert report.n_model_backbone == len(report.loaded) == 60  # every ResNet-10 tensor but fc,
-    # its downsampling projections included (MedicalNet's type-B shortcuts, as the encoder's)
+    assert report.n_model_backbone == len(report.loaded) == 85  # every ResNet-18 tensor but fc
     assert report.missing == [] and report.skipped_shape == []
     assert all(k.startswith(("decoder.", "segmentation_head.")) for k in report.unexpected)
     own = model.state_dict()
@@ -142,7 +141,7 @@ def test_trained_segmenter_encoder_initialises_the_classifier(
             "train": params.train.model_copy(
                 update={
                     "classify": params.train.classify.model_copy(
-                        update={"arch": "resnet10", "freeze_encoder_epochs": 1}
+                        update={"arch": "resnet18", "freeze_encoder_epochs": 1}
                     )
                 }
             )
@@ -151,7 +150,7 @@ def test_trained_segmenter_encoder_initialises_the_classifier(
     result = stages.train(params, "classify")
     assert result.epochs_run == 2
     # the run keeps its load report: in the result and in the model card
-    assert "loaded 60/60 backbone tensors (100.0%)" in result.initialisation
+    assert "loaded 85/85 backbone tensors (100.0%)" in result.initialisation
     card = (tmp_path / "warm" / "models" / "classify" / "model_card.md").read_text()
     assert result.initialisation in card
     # and what decided the numbers besides the inputs
