@@ -74,7 +74,7 @@ demo: $(STAMP)
 	$(BIN)/dvc repro
 	$(BIN)/medimg register --task segment
 	$(BIN)/medimg register --task classify
-	@echo "Metrics: .venv/bin/dvc metrics show    Runs and models: make ui"
+	@$(BIN)/medimg summary
 
 test: $(STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -247,6 +247,15 @@ def register(task: str = TASK_OPTION, params_file: Path = PARAMS_OPTION) -> None
 
 
 @app.command()
+def summary(params_file: Path = PARAMS_OPTION) -> None:
+    """Both tasks' test and cross-validation metrics, registered versions, where to look."""
+    from medimg.summary import summary as lines
+
+    with _user_errors():
+        typer.echo("\n".join(lines(_load(params_file))))
+
+
+@app.command()
 def promote(
     task: str = TASK_OPTION,
     version: str | None = typer.Option(None, help="Registered version (default: challenger)."),

@@ -269,3 +269,19 @@ def promote(
         decision.reason,
     )
     return decision
+
+
+def aliases(params: Params, task: str, root: Path) -> dict[str, str]:
+    """``{"champion": "2", "challenger": "3", "latest": "3"}`` for the task's registered
+    model (the aliases it has, and its newest version); empty when nothing is registered."""
+    client = configure(params, root)
+    name = registered_name(params, task)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        return {}
+    out = {alias: str(version) for alias, version in (model.aliases or {}).items()}
+    versions = client.search_model_versions(f"name='{name}'")
+    if versions:
+        out["latest"] = str(max(int(v.version) for v in versions))
+    return out

@@ -219,3 +219,25 @@ def test_cross_validation_scores_every_patient_out_of_fold_and_registers_the_ens
     assert f"{task} cross-validation {headline}: " in said.output  # out of fold
     second = stages.register(params, task, tmp_path)
     assert second.version != decision.version and not second.promoted  # no better
+    # the summary that make demo ends with: the numbers of metrics/<task>.json, the versions
+    from medimg.summary import interval
+
+    said = CliRunner().invoke(app, ["summary", "--params", str(pfile)])
+    assert said.exit_code == 0, said.output
+    lines = said.output.splitlines()
+    saved = json.loads((tmp_path / "metrics" / f"{task}.json").read_text())  # as re-evaluated
+    n_test, n_oof = saved["n_test_patients"], saved["cv"]["n_patients"]
+    assert (
+        f"{task}: ensemble of 2 fold models, {n_test} test patients, {n_oof} out of fold" in lines
+    )
+    row = next(line for line in lines if line.split()[:1] == [headline])
+    test_ci, cv_ci = (
+        interval(saved["metrics"][headline]),
+        interval(saved["cv"]["metrics"][headline]),
+    )
+    assert test_ci != "-" and cv_ci != "-"
+    assert row.split(None, 1)[1].split() == [*test_ci.split(), *cv_ci.split()]
+    assert f"  registry: {name} v2 is the newest (challenger v2, champion v1)" in lines
+    other = "segment" if task == "classify" else "classify"
+    assert any(line.startswith(f"{other}: not evaluated yet") for line in lines)
+    assert "Where to look:" in lines
