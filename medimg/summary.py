@@ -17,25 +17,25 @@ from medimg.config import Params
 from medimg.errors import TrackingError
 from medimg.io import project_path
 from medimg.report import metric_rows
-from medimg.tasks import get_task
+from medimg.tasks import TASKS, get_task
 
-TASKS = ("segment", "classify")  # in the order the pipeline runs them
 WIDTH = 24  # characters of the row label
+COLUMN = 28  # characters of the test column: "-0.123 (-0.456 to 0.789)" and HD95s in mm
 
 
 def interval(m: dict[str, Any] | None) -> str:
-    """``0.846 (0.821-0.869)``; ``-`` where the metric is absent or undefined.
+    """``0.846 (0.821 to 0.869)``; ``-`` where the metric is absent or undefined.
 
     Example:
         >>> interval({"value": 0.8461, "ci_lower": 0.8213, "ci_upper": 0.869})
-        '0.846 (0.821-0.869)'
+        '0.846 (0.821 to 0.869)'
     """
     if not m or m.get("value") is None:
         return "-"
     value = f"{m['value']:.3f}"
     if m.get("ci_lower") is None or m.get("ci_upper") is None:
         return value
-    return f"{value} ({m['ci_lower']:.3f}-{m['ci_upper']:.3f})"
+    return f"{value} ({m['ci_lower']:.3f} to {m['ci_upper']:.3f})"
 
 
 def metric_table(result: dict[str, Any], per_owner: str) -> list[str]:
@@ -43,10 +43,10 @@ def metric_table(result: dict[str, Any], per_owner: str) -> list[str]:
     (the gate metric) for each class or structure."""
     cv = {(o, n): m for o, n, m in metric_rows(result.get("cv") or {})}
     rows = [(o, n, m) for o, n, m in metric_rows(result) if not o or n == per_owner]
-    lines = [f"  {'':{WIDTH}} {'test':22} cross-validation"]
+    lines = [f"  {'':{WIDTH}} {'test':{COLUMN}} cross-validation"]
     for owner, name, m in rows:
         label = f"{owner} {name}" if owner else name
-        lines.append(f"  {label:{WIDTH}} {interval(m):22} {interval(cv.get((owner, name)))}")
+        lines.append(f"  {label:{WIDTH}} {interval(m):{COLUMN}} {interval(cv.get((owner, name)))}")
     return lines
 
 

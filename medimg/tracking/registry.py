@@ -273,15 +273,25 @@ def promote(
 
 def aliases(params: Params, task: str, root: Path) -> dict[str, str]:
     """``{"champion": "2", "challenger": "3", "latest": "3"}`` for the task's registered
-    model (the aliases it has, and its newest version); empty when nothing is registered."""
+    model (the aliases it has, and its newest version); empty when nothing is registered.
+
+    Raises:
+        TrackingError: the store could not be read (the message names it, not a password).
+    """
     client = configure(params, root)
     name = registered_name(params, task)
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException:
-        return {}
-    out = {alias: str(version) for alias, version in (model.aliases or {}).items()}
-    versions = client.search_model_versions(f"name='{name}'")
-    if versions:
-        out["latest"] = str(max(int(v.version) for v in versions))
-    return out
+
+    def read() -> dict[str, str]:
+        try:
+            model = client.get_registered_model(name)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return {}
+            raise
+        out = {alias: str(version) for alias, version in (model.aliases or {}).items()}
+        versions = client.search_model_versions(f"name='{name}'")
+        if versions:
+            out["latest"] = str(max(int(v.version) for v in versions))
+        return out
+
+    return retrying(params.tracking, "reading the model registry", read)

@@ -12,7 +12,8 @@ import yaml
 from tests.helpers import TINY_SYNTH, tool_path
 
 REPO = Path(__file__).resolve().parents[2]
-# Every command medimg/cli.py registers: the pipeline's stages, then its two services.
+# Every command medimg/cli.py registers: the pipeline's stages, its summary, then its two
+# services.
 COMMANDS = [
     "synth",
     "ingest",
@@ -21,6 +22,7 @@ COMMANDS = [
     "evaluate",
     "register",
     "promote",
+    "summary",
     "predict",
     "ui",
     "prefect-server",
