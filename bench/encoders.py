@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,20 +30,15 @@ import torch
 from medimg.config import load_params
 from medimg.models.build import build_model
 from medimg.optim import build_optimizer
+from medimg.runtime import environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def cpu_name() -> str:
-    """The CPU as lscpu names it: model name, family, and its widest vector ISA."""
-    info: dict[str, str] = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    flags = info.get("flags", "").split()
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    name = info.get("model name") or platform.processor() or "unknown CPU"
-    return f"{name} (family {info.get('cpu family', '?')}, {isa}, {os.cpu_count()} CPUs)"
+    """The CPU as runs record it (``medimg.runtime``), the kernels PyTorch picks on it."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{environment(False)['machine']} ({capability} kernels, {os.cpu_count()} CPUs)"
 
 
 def main() -> None:

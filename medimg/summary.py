@@ -88,7 +88,7 @@ def summary(params: Params, root: Path = Path(".")) -> list[str]:
     for task in TASKS:
         lines += [*task_block(params, task, root), ""]
     d, t = params.data, params.tracking
-    experiments = ", ".join(f"{t.experiment_prefix}-{task}" for task in TASKS)
+    experiments = ", ".join(t.experiment(task) for task in TASKS)
     lines += [
         "Where to look:",
         f"  runs, models, compare  make ui, then {t.ui_url} (experiments {experiments})",

@@ -179,6 +179,10 @@ class TrackingParams(StrictModel):
     retries: int = Field(3, ge=0)  # extra tries of a failed call to the tracking server
     retry_wait_s: float = Field(2.0, ge=0)  # first wait between tries (doubles each try)
 
+    def experiment(self, task: str) -> str:
+        """The task's MLflow experiment name, ``<experiment_prefix>-<task>``."""
+        return f"{self.experiment_prefix}-{task}"
+
 
 class GateParams(StrictModel):
     """When a challenger replaces the champion: compared on the same test patients."""

@@ -95,7 +95,7 @@ def retrying(cfg: TrackingParams, what: str, call: Callable[[], T]) -> T:
 def experiment_id(client: MlflowClient, params: Params, task: str, root: Path) -> str:
     """The task's experiment (``<prefix>-<task>``), created on first use; artifacts of a
     local store go to ``tracking.artifacts`` in the project root."""
-    name = f"{params.tracking.experiment_prefix}-{task}"
+    name = params.tracking.experiment(task)
     found = client.get_experiment_by_name(name)
     if found is not None:
         return str(found.experiment_id)
