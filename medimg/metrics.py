@@ -217,13 +217,15 @@ def expected_calibration_error(y: npt.ArrayLike, p: npt.ArrayLike, n_bins: int =
     Returns:
         The error in [0, 1], or NaN for no cases.
     """
-    table = reliability_table(y, p, n_bins)
-    n = int(table["count"].sum())
+    labels, index, count = _bins(y, p, n_bins)  # reliability_table's bins, without a frame
+    n = int(count.sum())
     if n == 0:
         return math.nan
-    full = table[table["count"] > 0]
-    gap = np.abs(full["mean_predicted"] - full["fraction_positive"])
-    return float(np.sum(full["count"] * gap) / n)
+    probs = np.asarray(p, dtype=np.float64).ravel()
+    full = count > 0
+    mean_predicted = np.bincount(index, weights=probs, minlength=n_bins)[full] / count[full]
+    fraction = np.bincount(index, weights=labels, minlength=n_bins)[full] / count[full]
+    return float(np.sum(count[full] * np.abs(mean_predicted - fraction)) / n)
 
 
 # --- segmentation ----------------------------------------------------------------------

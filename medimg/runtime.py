@@ -104,9 +104,22 @@ def pin_reproducible(threads: int) -> dict[str, str]:
     os.environ.update(PINNED_ENV)
     os.environ.update(DETERMINISTIC_ENV)
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic_algorithms()
     torch.backends.cudnn.benchmark = False
     return environment(reproducible=True)
+
+
+def deterministic_algorithms() -> None:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)``, without its start-up
+    cost. Besides the eager flag, that function sets TorchInductor's, importing
+    ``torch._inductor`` and TorchDynamo for it: 4 s of every stage's start on two AVX2
+    cores (PyTorch 2.13). medimg never compiles, so the eager flag alone is set, unless
+    Inductor is loaded already (then torch's own function sets both)."""
+    set_flag = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if set_flag is None or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        set_flag(True, warn_only=True)
 
 
 def environment(reproducible: bool) -> dict[str, str]:

@@ -82,16 +82,32 @@ def task_block(params: Params, task: str, root: Path) -> list[str]:
     return [*lines, registry_line(params, task, root)]
 
 
+def ui_lines(params: Params, root: Path) -> list[str]:
+    """Each experiment's runs table in the MLflow UI, where runs are compared."""
+    t = params.tracking
+    if not t.enabled:
+        return ["  runs                   tracking off (tracking.enabled)"]
+    from medimg import tracking
+
+    try:
+        urls = tracking.experiment_urls(params, tuple(TASKS), root)
+    except TrackingError as e:
+        return [f"  runs                   not reachable ({e})"]
+    local = not tracking.tracking_uri(t, root).startswith(("http://", "https://"))
+    lines = ["  runs, compare          " + ("make ui, then open" if local else "open")]
+    lines += [f"    {task:20} {urls.get(task, 'no runs yet')}" for task in TASKS]
+    return lines
+
+
 def summary(params: Params, root: Path = Path(".")) -> list[str]:
     """The summary's lines, both tasks then where to look."""
     lines: list[str] = []
     for task in TASKS:
         lines += [*task_block(params, task, root), ""]
-    d, t = params.data, params.tracking
-    experiments = ", ".join(t.experiment(task) for task in TASKS)
+    d = params.data
     lines += [
         "Where to look:",
-        f"  runs, models, compare  make ui, then {t.ui_url} (experiments {experiments})",
+        *ui_lines(params, root),
         f"  model cards            {d.models}/<task>/model_card.md",
         f"  plots and cases        {d.plots}/<task>/ (out of fold: {d.plots}/<task>/cv/)",
         f"  ingest QC              {d.interim}/qc.html",

@@ -29,7 +29,7 @@ from medimg import plots
 from medimg.calibration import apply_temperature, fit_temperature, nll
 from medimg.config import GateParams, Params, RegistryParams, TaskTrainParams, TrainParams
 from medimg.infer import volume_probability
-from medimg.stats import breakdowns, rounded, with_ci
+from medimg.stats import OnColumns, breakdowns, rounded, with_ci
 from medimg.tasks.base import Batch, Item, TaskSpec
 
 BINARY = ("0", "1")
@@ -160,11 +160,11 @@ class Classification(TaskSpec):
             return self._summarise_binary(cases, validation, plots_dir)
         k = len(self.labels)
 
-        def stat(fn: Callable[[Any, Any], float]) -> Callable[[pd.DataFrame], float]:
-            return lambda f: fn(f["label"].to_numpy(), self._probs(f))
+        def stat(fn: Callable[[Any, Any], float]) -> OnColumns:
+            return OnColumns(fn, ("label", tuple(self.probability_columns())))
 
-        def hard(fn: Callable[..., float]) -> Callable[[pd.DataFrame], float]:
-            return lambda f: fn(f["label"].to_numpy(), f["predicted"].to_numpy(), k)
+        def hard(fn: Callable[..., float]) -> OnColumns:
+            return OnColumns(lambda y, p: fn(y, p, k), ("label", "predicted"))
 
         def per_class(i: int) -> dict[str, Any]:
             def sens_spec(j: int) -> Callable[[pd.DataFrame], float]:
@@ -212,8 +212,8 @@ class Classification(TaskSpec):
         threshold = M.youden_threshold(val["label"].to_numpy(), val["probability"].to_numpy())
         y, p = cases["label"].to_numpy(), cases["probability"].to_numpy()
 
-        def stat(fn: Any) -> Any:
-            return lambda f: fn(f["label"].to_numpy(), f["probability"].to_numpy())
+        def stat(fn: Any) -> OnColumns:
+            return OnColumns(fn, ("label", "probability"))
 
         def at_cut(fn: Any) -> Any:
             return stat(lambda a, b: fn(a, b, threshold))

@@ -26,7 +26,7 @@ from medimg import metrics as M
 from medimg import plots
 from medimg.config import GateParams, Params, RegistryParams, TaskTrainParams, TrainParams
 from medimg.infer import foreground_map, plain
-from medimg.stats import breakdowns, with_ci
+from medimg.stats import MeanOfMeans, breakdowns, with_ci
 from medimg.tasks.base import Batch, Item, TaskSpec
 
 SCORES = ("dice", "hd95", "msd", "nsd")  # per structure and case, in cases.csv
@@ -154,8 +154,8 @@ class Segmentation(TaskSpec):
     def summarise(
         self, cases: pd.DataFrame, validation: Callable[[], pd.DataFrame], plots_dir: Path
     ) -> dict[str, Any]:
-        def mean(col: str) -> Callable[[pd.DataFrame], float]:
-            return lambda f: nanmean(f[col])
+        def mean(col: str) -> MeanOfMeans:
+            return MeanOfMeans((col,))
 
         if self.single:
             return self._summarise_single(cases, plots_dir, mean)
@@ -170,16 +170,12 @@ class Segmentation(TaskSpec):
                 "n_test_series": len(has),
             }
 
-        def over_structures(score: str) -> Callable[[pd.DataFrame], float]:
-            def stat(f: pd.DataFrame) -> float:
-                values = [
-                    nanmean(f.loc[f[f"present_{n}"].astype(bool), f"{score}_{n}"])
-                    for n in self.labels
-                    if f[f"present_{n}"].astype(bool).any()
-                ]
-                return nanmean(values)
-
-            return stat
+        def over_structures(score: str) -> MeanOfMeans:
+            # each structure's mean over the cases that have it, then their mean
+            names = self.labels
+            return MeanOfMeans(
+                tuple(f"{score}_{n}" for n in names), tuple(f"present_{n}" for n in names)
+            )
 
         tidy = pd.DataFrame(
             [

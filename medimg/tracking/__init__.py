@@ -60,7 +60,15 @@ from medimg.tracking.runs import (
     metric_values,
     train_run,
 )
-from medimg.tracking.store import configure, experiment_id, retrying, run_url, tracking_uri
+from medimg.tracking.store import (
+    configure,
+    experiment_id,
+    experiment_url,
+    experiment_urls,
+    retrying,
+    run_url,
+    tracking_uri,
+)
 
 __all__ = [
     "CHALLENGER",
@@ -79,6 +87,8 @@ __all__ = [
     "decision_threshold",
     "dvc_dir_md5",
     "experiment_id",
+    "experiment_url",
+    "experiment_urls",
     "file_md5",
     "flatten",
     "gate",

@@ -6,12 +6,11 @@ children (``mlflow.parentRunId``), so the UI shows them nested under it."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from medimg.config import Params
 from medimg.io import atomic_write_text
-from medimg.tracking.lineage import lineage_tags
+from medimg.tracking.lineage import lineage_tags, run_name
 from medimg.tracking.pyfunc import log_model
 from medimg.tracking.runs import (
     RUN_FILE,
@@ -42,7 +41,7 @@ def open_cv_run(
     client, cfg = configure(params, root), params.tracking
     folds = params.cv_folds() or []
     exp = retrying(cfg, "opening the experiment", lambda: experiment_id(client, params, task, root))
-    name = f"cv-{task}-{len(folds)}folds-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = run_name(params, task, root, f"cv{len(folds)}")
     run_id = retrying(
         cfg, "creating the run", lambda: client.create_run(exp, run_name=name)
     ).info.run_id

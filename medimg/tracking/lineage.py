@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from medimg.config import Params
+from medimg.tasks import get_task
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -69,6 +71,20 @@ def test_set_digest(manifest: pd.DataFrame) -> str:
     """Names the test patients (pseudonyms, hashed again): equal digests, same test set."""
     keys = sorted(manifest.loc[manifest["split"] == "test", "key"].astype(str))
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def run_name(params: Params, task: str, root: Path, what: str) -> str:
+    """``train-classify-resnet10-fold0-1a2b3c4-20261202-0815``: what the run is, its task,
+    encoder and (for training) fold, the short commit of its code, then when it started,
+    so that the MLflow UI's runs table tells runs apart by what differs between them."""
+    arch = get_task(task).train_params(params.train).arch
+    commit = None
+    for repo in (root, Path(__file__).resolve().parents[1]):
+        commit = _git(repo, "rev-parse", "--short=7", "HEAD")
+        if commit:
+            break
+    parts = [what, task, arch, commit or "nogit", time.strftime("%Y%m%d-%H%M%S")]
+    return "-".join(parts)
 
 
 def lineage_tags(params: Params, root: Path, processed: Path) -> dict[str, str]:

@@ -27,7 +27,7 @@ from medimg.config import Params, TrackingParams
 from medimg.errors import TrackingError
 from medimg.io import atomic_write_text
 from medimg.report import metric_rows
-from medimg.tracking.lineage import flatten, lineage_tags, test_set_digest
+from medimg.tracking.lineage import flatten, lineage_tags, run_name, test_set_digest
 from medimg.tracking.pyfunc import log_model
 from medimg.tracking.store import configure, experiment_id, retrying
 from medimg.versions import environment_versions
@@ -187,8 +187,8 @@ class TrainRun:
         return self.run_id
 
     def _run_name(self) -> str:
-        fold = "" if self.fold is None else f"-fold{self.fold}"
-        return f"train-{self.task}{fold}-{time.strftime('%Y%m%d-%H%M%S')}"
+        what = "train" if self.fold is None else f"train-fold{self.fold}"
+        return run_name(self.params, self.task, self.root, what)
 
     def _write_run_file(self, exp: str) -> None:
         self.model_dir.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,7 @@ def experiment_id(client: MlflowClient, params: Params, task: str, root: Path) -
     if _is_local(client.tracking_uri):
         location = ((root / params.tracking.artifacts).resolve() / name).as_uri()
     try:
-        # the kind makes the MLflow UI open the experiment on its runs table
+        # the kind says what the experiment is (MLflow before 3.17 opened on it)
         kind = {"mlflow.experimentKind": "custom_model_development"}
         return str(client.create_experiment(name, artifact_location=location, tags=kind))
     except MlflowException:  # created meanwhile by a parallel run
@@ -113,8 +113,44 @@ def experiment_id(client: MlflowClient, params: Params, task: str, root: Path) -
         return str(found.experiment_id)
 
 
+# MLflow 3's UI shows either its GenAI pages or its model-training pages, by a choice it
+# keeps per browser (GenAI unless chosen) and reads from this query parameter first; from
+# 3.17 on it no longer follows the experiment's ``mlflow.experimentKind`` tag. Every link
+# we print carries it, so that it opens on the runs table, not on an empty traces page.
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_base(cfg: TrackingParams, root: Path) -> str:
+    """The MLflow UI's address: the tracking server's own, or ``tracking.ui_url`` (``make
+    ui``) for a local store."""
+    uri = tracking_uri(cfg, root)
+    return (uri if uri.startswith(("http://", "https://")) else cfg.ui_url).rstrip("/")
+
+
+def experiment_url(cfg: TrackingParams, root: Path, experiment_id: str) -> str:
+    """Where a person opens the runs table of experiment ``experiment_id``."""
+    return f"{ui_base(cfg, root)}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}"
+
+
 def run_url(cfg: TrackingParams, root: Path, experiment_id: str, run_id: str) -> str:
     """Where a person opens run ``run_id`` in the MLflow UI."""
-    uri = tracking_uri(cfg, root)
-    base = uri if uri.startswith(("http://", "https://")) else cfg.ui_url
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{ui_base(cfg, root)}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
+
+
+def experiment_urls(params: Params, tasks: tuple[str, ...], root: Path) -> dict[str, str]:
+    """The runs table's URL of each task's experiment that exists (none is created).
+
+    Raises:
+        TrackingError: the store could not be read (the message names it, not a password).
+    """
+    client = configure(params, root)
+
+    def read() -> dict[str, str]:
+        found = {t: client.get_experiment_by_name(params.tracking.experiment(t)) for t in tasks}
+        return {
+            t: experiment_url(params.tracking, root, str(e.experiment_id))
+            for t, e in found.items()
+            if e is not None
+        }
+
+    return retrying(params.tracking, "reading the experiments", read)

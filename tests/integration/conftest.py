@@ -8,13 +8,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.helpers import Cohort
+from tests.integration.browser import chromium_path, headless_chromium, new_page
 from tests.integration.mlflow_server import start_mlflow_server
 from tests.integration.project import DvcProject, metrics_files, new_project
 from tests.integration.tracked import Tracked, run_tracked_pipeline
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # MLflow clients in this process report usage unless told not to (the server gets its own).
@@ -68,3 +73,24 @@ def tracked(
     """The tracked pipeline's outcome (see tracked.py's docstring); do not modify."""
     root = tmp_path_factory.mktemp("tracked")
     return run_tracked_pipeline(tiny_cohort, root, mlflow_server, mlflow_server_dir)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of Debian's Chromium (tests/integration/browser.py). Named first by the browser
+    tests, so that a missing browser is reported before a server is started for nothing."""
+    return chromium_path()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: str) -> Iterator[Browser]:
+    """Headless Chromium, one per test module."""
+    with headless_chromium(chromium) as b:
+        yield b
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A page of its own browser context: no saved UI state."""
+    with new_page(browser) as p:
+        yield p

@@ -8,29 +8,23 @@ tests, never skips them: ``make test`` installs it (its ``system-packages`` step
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import urllib.parse
-from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.integration.browser import screenshot
 from tests.integration.tracked import Tracked
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Page
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 REPO = Path(__file__).resolve().parents[2]
-UI_TIMEOUT_MS = 30_000  # the SPA's first render takes 2-5 s on two busy cores
-VIEWPORT = {"width": 2200, "height": 1200}  # wide enough to show an added metric column
 
 
 @dataclass(frozen=True)
@@ -60,60 +54,6 @@ def tracked_runs(tracked: Tracked) -> TrackedRuns:
         metric_key="test_auroc",
         metric_values=tuple(run.data.metrics["test_auroc"] for run in runs),
     )
-
-
-def _unavailable(reason: str) -> NoReturn:
-    pytest.fail(f"{reason}; `make test` installs it (make system-packages)")
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Path of Debian's Chromium, once Playwright is importable too.
-
-    Session-scoped and named first by the browser tests, so that a missing browser is
-    reported before the MLflow server is started for nothing.
-    """
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        _unavailable("playwright is not installed: pip install -e '.[dev]'")
-    executable = shutil.which("chromium")
-    if executable is None:
-        _unavailable("chromium is not on PATH: apt-get install chromium")
-    return executable
-
-
-@pytest.fixture(scope="module")
-def browser(chromium: str) -> Iterator[Browser]:
-    """Headless Chromium driven by Playwright, for this module only."""
-    from playwright.sync_api import expect, sync_playwright
-
-    expect.set_options(timeout=UI_TIMEOUT_MS)
-    with sync_playwright() as playwright:
-        # No proxy: the server listens on the loopback interface.
-        browser = playwright.chromium.launch(
-            executable_path=chromium, headless=True, args=["--no-proxy-server"]
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport=VIEWPORT)  # fresh storage: no saved UI state
-    context.set_default_timeout(UI_TIMEOUT_MS)
-    try:
-        yield context.new_page()
-    finally:
-        context.close()
-
-
-def artifacts_dir() -> Path:
-    folder = Path(os.environ.get("MEDIMG_TEST_ARTIFACTS") or REPO / "test-artifacts")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def js_number(value: float) -> str:
@@ -154,8 +94,19 @@ def test_number_formats_match_the_ui() -> None:
     ]
 
 
-def _screenshot(page: Page, name: str) -> None:
-    page.screenshot(path=artifacts_dir() / name, full_page=True)
+def _open_runs_table(runs: TrackedRuns, page: Page) -> None:
+    """The experiment as medimg links it (``medimg summary``, the pipeline's artifact)."""
+    from playwright.sync_api import expect
+
+    from medimg.config import TrackingParams
+    from medimg.tracking import experiment_url
+
+    page.goto(experiment_url(TrackingParams(uri=runs.url), REPO, runs.experiment_id))
+    # the model-training view's runs table, not MLflow 3's GenAI overview (its default)
+    expect(page.get_by_role("heading", name="Runs", level=2)).to_be_visible()
+    assert "genai" not in page.url, page.url
+    for name in runs.run_names:
+        expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
 
 
 @pytest.mark.usefixtures("chromium")
@@ -163,12 +114,8 @@ def test_experiment_page_lists_runs_with_metric(tracked_runs: TrackedRuns, page:
     from playwright.sync_api import expect
 
     runs = tracked_runs
-    # An experiment without an `mlflow.experimentKind` tag opens on the GenAI overview in
-    # MLflow 3.17, so go straight to the runs table of the "Model training" view.
-    page.goto(f"{runs.url}/#/experiments/{runs.experiment_id}/runs?workflowType=machine_learning")
     try:
-        for name in runs.run_names:
-            expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+        _open_runs_table(runs, page)
         # Metric columns are hidden by default: add ours with the column selector.
         page.get_by_role("button", name="Columns").click()
         page.get_by_title(runs.metric_key, exact=True).click()
@@ -187,31 +134,53 @@ def test_experiment_page_lists_runs_with_metric(tracked_runs: TrackedRuns, page:
             )
             expect(cell).to_have_text(js_number(value))
     finally:
-        _screenshot(page, "mlflow-ui-experiment.png")
+        screenshot(page, "mlflow-ui-experiment.png")
 
 
 @pytest.mark.usefixtures("chromium")
-def test_compare_runs_page_shows_runs_and_metric(tracked_runs: TrackedRuns, page: Page) -> None:
+def test_two_selected_runs_compare_with_their_differing_params(
+    tracked_runs: TrackedRuns, page: Page
+) -> None:
+    """As a person compares: tick two runs in the runs table, press Compare."""
+    from mlflow import MlflowClient
     from playwright.sync_api import expect
 
     runs = tracked_runs
-    query = urllib.parse.urlencode(
-        {"runs": json.dumps(list(runs.run_ids)), "experiments": json.dumps([runs.experiment_id])}
-    )
-    page.goto(f"{runs.url}/#/compare-runs?{query}")
+    client = MlflowClient(tracking_uri=runs.url)
+    logged = [client.get_run(run_id).data.params for run_id in runs.run_ids]
+    differing = sorted(k for k in logged[0] if logged[0][k] != logged[1].get(k))
+    assert "train.classify.pretrained" in differing  # the second run started from the first
     try:
-        expect(page.get_by_text(f"Comparing {len(runs.run_ids)} Runs")).to_be_visible()
-        # Run details: one column per run, in the order of the `runs` parameter.
+        _open_runs_table(runs, page)
+        for name in runs.run_names:
+            row = page.get_by_role("row").filter(
+                has=page.get_by_role("link", name=name, exact=True)
+            )
+            row.get_by_role("checkbox", name="Press Space to toggle row selection").check()
+        page.get_by_role("button", name="Compare", exact=True).click()
+        expect(
+            page.get_by_role("heading", name="Comparing 2 Runs from 1 Experiment")
+        ).to_be_visible()
+        # Run details: one column per run, in the order they were ticked
         names = page.get_by_role("row").filter(
             has=page.get_by_role("rowheader", name="Run Name:", exact=True)
         )
-        expect(names.get_by_role("cell")).to_have_text(list(runs.run_names))
+        expect(names.get_by_role("cell")).to_have_text(list(runs.run_names))  # as ticked
+        # Parameters, differences only: each differing param with both runs' values
+        page.get_by_role("switch", name="Parameters - Show diff only").click()
+        for key in differing:
+            row = page.get_by_role("row").filter(
+                has=page.get_by_role("rowheader", name=key, exact=True)
+            )
+            shown = [logged[0][key], logged[1].get(key, "")]
+            expect(row.get_by_role("cell")).to_have_text(shown)
+        same = next(k for k in logged[0] if logged[0][k] == logged[1].get(k))
+        expect(page.get_by_role("rowheader", name=same, exact=True)).to_have_count(0)
         # Metrics: each name links to its plot; the values sit in a grid beside the names.
         expect(page.get_by_role("link", name=runs.metric_key, exact=True)).to_be_visible()
         for value in runs.metric_values:
             text = mlflow_format_metric(value)
             expect(page.get_by_role("grid").get_by_text(text, exact=True).first).to_be_visible()
-        # The page scrolls inside its main panel: bring the metrics into the screenshot.
         page.get_by_role("link", name=runs.metric_key, exact=True).scroll_into_view_if_needed()
     finally:
-        _screenshot(page, "mlflow-ui-compare-runs.png")
+        screenshot(page, "mlflow-ui-compare-runs.png")

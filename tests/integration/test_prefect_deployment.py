@@ -3,6 +3,9 @@
 The deployment is served by ``python -m pipelines.deployments`` (what ``make serve``
 runs) over the tiny DVC project; the test checks the deployment's schedule, triggers a
 run through the API, waits for it to complete, then reads its artifact and the outputs.
+The server is ``medimg prefect-server`` on a port other than Prefect's default, and a
+headless Chromium (tests/integration/browser.py) checks that its UI shows what the API
+holds: both deployments, and the run's report with links into the MLflow UI.
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import yaml
 
+from tests.helpers import tool_path
+from tests.integration.browser import new_page, screenshot
 from tests.integration.project import DvcProject
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -57,25 +65,23 @@ def _process(args: list[str], log: Path, **kwargs: object) -> Iterator[subproces
 
 
 @contextlib.contextmanager
-def prefect_server(workdir: Path) -> Iterator[str]:
-    """``prefect server start`` on a free loopback port; yields the API URL."""
+def prefect_server(workdir: Path) -> Iterator[int]:
+    """``medimg prefect-server`` (``make prefect-server``) with its UI, on a free loopback
+    port: not Prefect's default 4200, where its UI works without our help. Yields the port."""
     port = _free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(workdir),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{workdir}/prefect.db",
     }
-    prefect = str(Path(sys.executable).parent / "prefect")
-    args = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    env.pop("PREFECT_UI_ENABLED", None)
+    args = [tool_path("medimg"), "prefect-server", "--port", str(port)]
     log = workdir / "server.log"
     with _process(args, log, env=env) as proc:
-        api = f"http://127.0.0.1:{port}/api"
         deadline = time.monotonic() + 120
         while True:
             try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:
@@ -83,7 +89,7 @@ def prefect_server(workdir: Path) -> Iterator[str]:
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
-        yield api
+        yield port
 
 
 async def _wait_for_run(deployment_name: str, timeout: float) -> tuple[object, object, list]:
@@ -111,17 +117,18 @@ async def _wait_for_run(deployment_name: str, timeout: float) -> tuple[object, o
         return deployment, run, mine
 
 
+@pytest.mark.usefixtures("chromium")
 def test_served_pipeline_deployment_runs_to_completion(
-    dvc_project: DvcProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dvc_project: DvcProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, browser: Browser
 ) -> None:
     project = dvc_project.project
     root = project.root
-    # one training parameter changes: the run must retrain the classifier, skip the rest
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"]["classify"]["weight_decay"] = 0.003
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # one fold's weights are lost: the run must retrain that fold, bit for bit as before,
+    # and skip the rest (what a parameter change retrains, test_dvc_pipeline shows)
+    (root / "models/classify/folds/1/model.pt").unlink()
     (tmp_path / "server").mkdir()
-    with prefect_server(tmp_path / "server") as api:
+    with prefect_server(tmp_path / "server") as port:
+        api = f"http://127.0.0.1:{port}/api"
         monkeypatch.setenv("PREFECT_API_URL", api)
         env = {**project.env, "PREFECT_API_URL": api}
         serve = [sys.executable, "-m", "pipelines.deployments", "--root", str(root)]
@@ -136,6 +143,9 @@ def test_served_pipeline_deployment_runs_to_completion(
             deployment, run, artifacts = asyncio.run(
                 _wait_for_run("pipeline/nightly-retrain", timeout=600)
             )
+            # as a person sees it: the UI of this port, not the default port's
+            with new_page(browser) as page:
+                ui_shows_the_deployments_and_the_report(page, port, run)
     log = (tmp_path / "serve.log").read_text()
     assert run.state.is_completed(), f"{run.state}\n{log[-4000:]}"  # type: ignore[attr-defined]
     # scheduled by cron in the configured time zone
@@ -144,18 +154,51 @@ def test_served_pipeline_deployment_runs_to_completion(
     # the report: what ran, what was skipped, metrics with CIs, the gate
     [report] = [a for a in artifacts if a.key == "medimg-pipeline"]
     text = report.data
-    assert "| train_classify@0 | ran |" in text and "| train_classify@1 | ran |" in text
-    assert "| evaluate_classify | ran |" in text
+    assert "| train_classify@1 | ran |" in text
+    assert "| train_classify@0 | up to date, skipped |" in text
+    assert "| evaluate_classify | up to date, skipped |" in text  # the same weights
     assert "| train_segment@0 | up to date, skipped |" in text
     assert "| ingest | up to date, skipped |" in text
     assert "| classify | auroc |" in text and "| segment | dice |" in text
     assert "## Registry" in text and "## Ingest QC" in text
     # dvc.lock is true again and the MLflow run knows its flow run
     assert json.loads(project.dvc("status", "--json")) == {}
-    record = json.loads((root / "models/classify/mlflow_run.json").read_text())
+    record = json.loads((root / "models/classify/folds/1/mlflow_run.json").read_text())
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     tags = client.get_run(record["run_id"]).data.tags
     assert tags["prefect.flow_run_id"] == str(run.id)  # type: ignore[attr-defined]
-    project.commit("weight decay 0.003, by the scheduled pipeline")
+    assert project.run("git", "status", "--porcelain", "dvc.lock").strip() == ""
+
+
+def ui_shows_the_deployments_and_the_report(page: Page, port: int, run: object) -> None:
+    """The Prefect UI served on ``port``: both deployments; the run's report artifact,
+    rendered, with its links to the MLflow runs."""
+    from playwright.sync_api import expect
+
+    ui = f"http://127.0.0.1:{port}"
+    try:
+        page.goto(f"{ui}/deployments")
+        expect(page.get_by_text("2 Deployments")).to_be_visible()
+        for name in ("nightly-retrain", "predict-inbox"):
+            expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+        screenshot(page, "prefect-ui-deployments.png")
+        page.goto(f"{ui}/runs/flow-run/{run.id}")  # type: ignore[attr-defined]
+        expect(page.get_by_text("Completed").first).to_be_visible()
+        page.get_by_role("tablist", name="Tab").get_by_text("Artifacts", exact=True).click()
+        page.get_by_role("link", name="medimg-pipeline").first.click()
+        report = page.get_by_role("article").filter(
+            has=page.get_by_role("heading", name="medimg pipeline run")
+        )
+        expect(report).to_be_visible()
+        expect(report.get_by_role("cell", name="train_classify@0", exact=True)).to_be_visible()
+        links = report.get_by_role("link")
+        expect(links.first).to_be_visible()
+        hrefs = {links.nth(i).get_attribute("href") for i in range(links.count())}
+        assert hrefs and all(
+            h and "/#/experiments/" in h and "/runs/" in h and "workflowType=machine_learning" in h
+            for h in hrefs
+        ), hrefs
+    finally:
+        screenshot(page, "prefect-ui-pipeline-report.png")

@@ -241,3 +241,10 @@ def test_cross_validation_scores_every_patient_out_of_fold_and_registers_the_ens
     other = "segment" if task == "classify" else "classify"
     assert any(line.startswith(f"{other}: not evaluated yet") for line in lines)
     assert "Where to look:" in lines
+    # the task's runs table, in MLflow's model-training view (not its GenAI pages)
+    experiment = client.get_run(record["run_id"]).info.experiment_id
+    runs_table = (
+        f"{params.tracking.ui_url}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    )
+    assert f"    {task:20} {runs_table}" in lines
+    assert f"    {other:20} no runs yet" in lines

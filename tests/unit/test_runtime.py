@@ -98,6 +98,27 @@ def test_pinned_runs_agree_across_machines_and_unpinned_ones_do_not() -> None:
     assert len({d for d, _ in pinned.values()}) == 1  # pinned: the same bits
 
 
+def test_deterministic_mode_is_set_without_loading_inductor() -> None:
+    """The eager flag as torch.use_deterministic_algorithms(True, warn_only=True) sets it,
+    without the 4 s import of TorchInductor and TorchDynamo that function costs."""
+    code = (
+        "import sys, torch; from medimg import runtime; runtime.deterministic_algorithms(); "
+        "print(torch.are_deterministic_algorithms_enabled(), "
+        "torch.is_deterministic_algorithms_warn_only_enabled(), "
+        "'torch._inductor' in sys.modules, 'torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True", "False", "False"], out.stdout
+    # with Inductor loaded, torch's own function sets its flag too
+    code = (
+        "import torch, torch._inductor.config as c; from medimg import runtime; "
+        "runtime.deterministic_algorithms(); "
+        "print(torch.are_deterministic_algorithms_enabled(), c.deterministic)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"], out.stdout
+
+
 def test_the_environment_record_says_what_was_pinned() -> None:
     code = "import json; from medimg import runtime; print(json.dumps(runtime.pin_reproducible(3)))"
     env = {"PATH": "/usr/bin:/bin", "ATEN_CPU_CAPABILITY": "default"}

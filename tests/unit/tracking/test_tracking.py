@@ -358,10 +358,11 @@ def test_pipeline_report_links_runs_in_the_mlflow_ui(
         json.dumps({"run_id": "0123456789abcdef", "experiment_id": "7"})
     )
     local = _run_link(params, tmp_path, "classify")
-    assert local == "[01234567](http://127.0.0.1:5000/#/experiments/7/runs/0123456789abcdef)"
+    view = "?workflowType=machine_learning"  # MLflow's model-training pages, not GenAI's
+    assert local == f"[01234567](http://127.0.0.1:5000/#/experiments/7/runs/0123456789abcdef{view})"
     server = params.model_copy(update={"tracking": TrackingParams(uri="http://mlflow.lan:5000")})
     assert _run_link(server, tmp_path, "classify") == (
-        "[01234567](http://mlflow.lan:5000/#/experiments/7/runs/0123456789abcdef)"
+        f"[01234567](http://mlflow.lan:5000/#/experiments/7/runs/0123456789abcdef{view})"
     )
     assert _run_link(params, tmp_path, "segment") == "-"  # no run yet
 
