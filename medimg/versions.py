@@ -15,7 +15,7 @@ import platform
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from importlib.metadata import PackageNotFoundError, distributions, version
+from importlib.metadata import Distribution, PackageNotFoundError, distributions, version
 from pathlib import Path
 
 # The packages named in every MLflow run and model card (``version.<name>``); the lock
@@ -72,10 +72,26 @@ def installed_distributions() -> dict[str, str]:
     wins, as for an import)."""
     found: dict[str, str] = {}
     for dist in distributions():
-        name = dist.metadata["Name"]
-        if name:
-            found.setdefault(canonical(name), dist.version)
+        name, version = _name_and_version(dist)
+        if name and version:
+            found.setdefault(canonical(name), version)
     return found
+
+
+def _name_and_version(dist: Distribution) -> tuple[str | None, str | None]:
+    """``Name`` and ``Version`` from the header of a distribution's metadata file, read
+    as lines: ``dist.metadata`` parses each whole file as an e-mail message, ten times
+    slower (0.4 s for 270 distributions, at every stage's start)."""
+    text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
+    name = version = None
+    for line in text.splitlines():
+        if not line:  # the header ends at the first empty line
+            break
+        if line.startswith("Name:"):
+            name = line[5:].strip()
+        elif line.startswith("Version:"):
+            version = line[8:].strip()
+    return name, version
 
 
 def lock_drift(pins: Mapping[str, str], installed: Mapping[str, str]) -> list[str]:

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.helpers import tool_path
-from tests.integration.browser import new_page, screenshot
+from tests.integration.browser import headless_chromium, new_page, screenshot
 from tests.integration.project import DvcProject
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Page
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -117,9 +117,8 @@ async def _wait_for_run(deployment_name: str, timeout: float) -> tuple[object, o
         return deployment, run, mine
 
 
-@pytest.mark.usefixtures("chromium")
 def test_served_pipeline_deployment_runs_to_completion(
-    dvc_project: DvcProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, browser: Browser
+    chromium: str, dvc_project: DvcProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     project = dvc_project.project
     root = project.root
@@ -143,8 +142,9 @@ def test_served_pipeline_deployment_runs_to_completion(
             deployment, run, artifacts = asyncio.run(
                 _wait_for_run("pipeline/nightly-retrain", timeout=600)
             )
-            # as a person sees it: the UI of this port, not the default port's
-            with new_page(browser) as page:
+            # as a person sees it: the UI of this port, not the default port's (the
+            # browser only now: Playwright's event loop would stop asyncio.run above)
+            with headless_chromium(chromium) as browser, new_page(browser) as page:
                 ui_shows_the_deployments_and_the_report(page, port, run)
     log = (tmp_path / "serve.log").read_text()
     assert run.state.is_completed(), f"{run.state}\n{log[-4000:]}"  # type: ignore[attr-defined]
@@ -181,8 +181,9 @@ def ui_shows_the_deployments_and_the_report(page: Page, port: int, run: object) 
     try:
         page.goto(f"{ui}/deployments")
         expect(page.get_by_text("2 Deployments")).to_be_visible()
-        for name in ("nightly-retrain", "predict-inbox"):
-            expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+        # each deployment's own link (its flow's link beside it may bear the same name)
+        deployments = page.locator('a[href*="/deployments/deployment/"]')
+        expect(deployments).to_have_text(["nightly-retrain", "predict-inbox"])  # A to Z
         screenshot(page, "prefect-ui-deployments.png")
         page.goto(f"{ui}/runs/flow-run/{run.id}")  # type: ignore[attr-defined]
         expect(page.get_by_text("Completed").first).to_be_visible()

@@ -87,3 +87,17 @@ def test_an_environment_reads_the_lock_make_install_left_in_it(tmp_path: Path) -
     numpy, torch = version("numpy"), version("torch")
     assert record["lock.drift"] == f"numpy {numpy} (lock 0.0.1); torch {torch} (lock 0.0.2)"
     assert record["version.monai"] == version("monai") and record["imported"] == []
+
+
+def test_installed_distributions_read_as_importlib_parses_them() -> None:
+    """The metadata headers read as lines give every distribution importlib.metadata
+    finds, with the version its full parse gives."""
+    from importlib.metadata import distributions
+
+    parsed: dict[str, str] = {}
+    for dist in distributions():
+        if dist.metadata["Name"]:
+            parsed.setdefault(versions.canonical(dist.metadata["Name"]), dist.version)
+    installed = versions.installed_distributions()
+    assert installed == parsed and len(installed) > 200
+    assert installed["torch"] == version("torch")
