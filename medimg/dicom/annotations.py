@@ -289,7 +289,8 @@ def contour_points(contour: Dataset) -> npt.NDArray[np.float64]:
     8x faster); an element already converted (a dataset built in memory) is taken as it is.
 
     Raises:
-        ValueError: a value is not a number, or their count is not a multiple of 3.
+        ValueError: a value is not a finite number, there is none, or their count is not
+            a multiple of 3.
     """
     element = contour.get_item(CONTOUR_DATA)
     if element is None:
@@ -300,6 +301,8 @@ def contour_points(contour: Dataset) -> npt.NDArray[np.float64]:
         values = np.array(text.split(b"\\") if text else [], dtype=np.float64)
     else:
         values = np.asarray(value if value is not None else [], dtype=np.float64)
+    if values.size == 0 or not np.isfinite(values).all():
+        raise ValueError("a contour's Contour Data is empty or holds a non-finite value")
     return values.reshape(-1, 3)
 
 

@@ -131,12 +131,22 @@ def test_contour_points_from_the_file_bytes_equal_pydicoms_values() -> None:
     assert count >= 3
 
 
-def test_damaged_contour_data_names_the_file(generated, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda v: v[:-1],  # two coordinates of a point left
+        lambda v: [],  # no point at all
+        lambda v: [*v[:-1], "inf"],  # a coordinate beyond every slice
+        lambda v: ["nan", *v[1:]],  # a coordinate that is not a number
+    ],
+    ids=["short", "empty", "infinite", "nan"],
+)
+def test_damaged_contour_data_names_the_file(generated, tmp_path: Path, damage) -> None:
     _, sources, shape, affine = generated[0]
     path = tmp_path / "rt.dcm"
     ds = write_rtstruct(three_structures(shape), affine, sources, STRUCTURES, path)
     contour = ds.ROIContourSequence[0].ContourSequence[0]
-    contour.ContourData = list(contour.ContourData)[:-1]  # two coordinates of a point left
+    contour.ContourData = damage(list(contour.ContourData))
     ds.save_as(path, enforce_file_format=True)
     with pytest.raises(DicomError, match=r"rt\.dcm: damaged RTSTRUCT \(ValueError\)"):
         rasterise(read_annotation(path), shape, affine, structure_labels(STRUCTURES))
