@@ -209,20 +209,17 @@ def reliability_table(y: npt.ArrayLike, p: npt.ArrayLike, n_bins: int = 10) -> p
 
 
 def expected_calibration_error(y: npt.ArrayLike, p: npt.ArrayLike, n_bins: int = 10) -> float:
-    """Expected calibration error over equal-width bins.
-
-    The mean over bins of ``|mean predicted - fraction positive|``, weighted by the share
-    of cases in each bin.
+    """Expected calibration error over equal-width bins: the mean over bins of ``|mean
+    predicted - fraction positive|``, weighted by the share of cases in each bin.
 
     Returns:
         The error in [0, 1], or NaN for no cases.
     """
     labels, index, count = _bins(y, p, n_bins)  # reliability_table's bins, without a frame
-    n = int(count.sum())
+    n, full = int(count.sum()), count > 0
     if n == 0:
         return math.nan
     probs = np.asarray(p, dtype=np.float64).ravel()
-    full = count > 0
     mean_predicted = np.bincount(index, weights=probs, minlength=n_bins)[full] / count[full]
     fraction = np.bincount(index, weights=labels, minlength=n_bins)[full] / count[full]
     return float(np.sum(count[full] * np.abs(mean_predicted - fraction)) / n)
