@@ -274,7 +274,8 @@ def paired_difference(
     def diff(y: npt.NDArray[Any], a: npt.NDArray[Any], b: npt.NDArray[Any]) -> float:
         return score(y, a, threshold[0]) - score(y, b, threshold[1])
 
-    d, lo, hi = bootstrap_ci(pair, OnColumns(diff, ("label", side("a"), side("b"))), n_boot=n_boot)
-    y, a_scores, b_scores = OnColumns(diff, ("label", side("a"), side("b"))).arrays(pair)
+    statistic = OnColumns(diff, ("label", side("a"), side("b")))
+    d, lo, hi = bootstrap_ci(pair, statistic, n_boot=n_boot)
+    y, a_scores, b_scores = statistic.arrays(pair)
     a, b = score(y, a_scores, threshold[0]), score(y, b_scores, threshold[1])
     return a, b, d, lo, hi, int(pair["patient"].nunique())

@@ -72,9 +72,9 @@ def installed_distributions() -> dict[str, str]:
     wins, as for an import)."""
     found: dict[str, str] = {}
     for dist in distributions():
-        name, version = _name_and_version(dist)
-        if name and version:
-            found.setdefault(canonical(name), version)
+        name, installed = _name_and_version(dist)
+        if name and installed:
+            found.setdefault(canonical(name), installed)
     return found
 
 
@@ -83,15 +83,15 @@ def _name_and_version(dist: Distribution) -> tuple[str | None, str | None]:
     as lines: ``dist.metadata`` parses each whole file as an e-mail message, ten times
     slower (0.4 s for 270 distributions, at every stage's start)."""
     text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
-    name = version = None
+    name = number = None
     for line in text.splitlines():
         if not line:  # the header ends at the first empty line
             break
         if line.startswith("Name:"):
             name = line[5:].strip()
         elif line.startswith("Version:"):
-            version = line[8:].strip()
-    return name, version
+            number = line[8:].strip()
+    return name, number
 
 
 def lock_drift(pins: Mapping[str, str], installed: Mapping[str, str]) -> list[str]:

@@ -73,31 +73,34 @@ def test_set_digest(manifest: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
+def _source(root: Path) -> tuple[Path, str] | None:
+    """The repository of the run's code and its commit: the project's repository, else
+    the one medimg's own code was installed from; None outside git."""
+    for repo in (root, Path(__file__).resolve().parents[1]):
+        commit = _git(repo, "rev-parse", "HEAD")
+        if commit:
+            return repo, commit
+    return None
+
+
 def run_name(params: Params, task: str, root: Path, what: str) -> str:
-    """``train-classify-resnet10-fold0-1a2b3c4-20261202-0815``: what the run is, its task,
-    encoder and (for training) fold, the short commit of its code, then when it started,
+    """``train-fold0-classify-resnet10-1a2b3c4-20261202-081500``: what the run is (with
+    its fold), its task and encoder, the short commit of its code, then when it started,
     so that the MLflow UI's runs table tells runs apart by what differs between them."""
     arch = get_task(task).train_params(params.train).arch
-    commit = None
-    for repo in (root, Path(__file__).resolve().parents[1]):
-        commit = _git(repo, "rev-parse", "--short=7", "HEAD")
-        if commit:
-            break
-    parts = [what, task, arch, commit or "nogit", time.strftime("%Y%m%d-%H%M%S")]
-    return "-".join(parts)
+    source = _source(root)
+    commit = source[1][:7] if source else "nogit"
+    return "-".join([what, task, arch, commit, time.strftime("%Y%m%d-%H%M%S")])
 
 
 def lineage_tags(params: Params, root: Path, processed: Path) -> dict[str, str]:
     """Tags that tie a run to its inputs."""
     tags: dict[str, str] = {}
-    # the project's repository; else the one medimg's own code was installed from
-    for repo in (root, Path(__file__).resolve().parents[1]):
-        commit = _git(repo, "rev-parse", "HEAD")
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
-            status = _git(repo, "status", "--porcelain", "--untracked-files=no")
-            tags["medimg.git.dirty"] = str(bool(status)).lower()
-            break
+    source = _source(root)
+    if source:
+        repo, tags["mlflow.source.git.commit"] = source
+        status = _git(repo, "status", "--porcelain", "--untracked-files=no")
+        tags["medimg.git.dirty"] = str(bool(status)).lower()
     if processed.is_dir():
         tags["medimg.dvc.processed_md5"] = dvc_dir_md5(processed)
         tags["medimg.test_set"] = test_set_digest(pd.read_parquet(processed / "manifest.parquet"))
