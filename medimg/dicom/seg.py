@@ -19,6 +19,7 @@ hospital's own PACS, where the SEG then carries the patient's identity).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import re
 import warnings
@@ -78,6 +79,7 @@ class SegInfo:
     manufacturer: str = "medimg"
     software_version: str = "0"
     segments: tuple[Segment, ...] = ()  # one per structure, in label-map order
+    created: datetime.datetime | None = None  # content date and time; None: now
 
     def resolved_segments(self) -> tuple[Segment, ...]:
         """The segments to write: ``segments``, or the one lesion segment."""
@@ -251,7 +253,7 @@ def build_seg(
         try:
             # pseudonyms are one-component person names, which highdicom warns about
             warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person")
-            return hd.seg.Segmentation(
+            seg = hd.seg.Segmentation(
                 source_images=list(sources),
                 pixel_array=pixels,
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -271,6 +273,27 @@ def build_seg(
             # highdicom quotes the offending value, which may be the patient's (PACS mode)
             reason = re.sub(r"'[^']*'|\"[^\"]*\"", "<value>", str(e))
             raise DicomError(f"highdicom refused the SEG: {reason}") from e
+    return _settled(seg, seed, info.created)
+
+
+def _settled(seg: Dataset, seed: list[str], created: datetime.datetime | None) -> Dataset:
+    """``seg`` as a function of its inputs: highdicom draws a random
+    DimensionOrganizationUID, which is derived from ``seed`` instead, and stamps the time it
+    ran, which ``created`` (when given) replaces, so that the same annotation writes the
+    same bytes (the demo cohort's files, tracked by DVC, then repeat)."""
+    from pydicom.uid import generate_uid
+
+    uid = generate_uid(entropy_srcs=[*seed, "dimensions"])
+    for item in [*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence]:
+        item.DimensionOrganizationUID = uid
+    if created is not None:
+        seg.InstanceCreationDate = seg.ContentDate = created.strftime("%Y%m%d")
+        seg.InstanceCreationTime = seg.ContentTime = created.strftime("%H%M%S")
+        if "ContributingEquipmentSequence" in seg:  # highdicom's own item comes last
+            seg.ContributingEquipmentSequence[-1].ContributionDateTime = created.strftime(
+                "%Y%m%d%H%M%S"
+            )
+    return seg
 
 
 def write_seg(

@@ -19,6 +19,7 @@ DICOM files). This module writes the cohort: files, masks, labels and ground tru
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import logging
 from collections.abc import Sequence
@@ -114,6 +115,10 @@ def _save_mask(
     files = sorted(f for f in series.iterdir() if f.is_file())  # a study folder may hold two
     sources = [ds for ds in read_sources(files) if ds.SeriesInstanceUID == uid]
     target = path.with_name(path.name.replace(".nii.gz", f".{fmt}.dcm"))
+    # annotated at the study's time: the same cohort writes the same bytes (DVC's hashes repeat)
+    created = datetime.datetime.strptime(
+        f"{sources[0].StudyDate}{sources[0].StudyTime}", "%Y%m%d%H%M%S"
+    )
     if fmt == "seg":
         info = SegInfo(
             series_description="medimg synthetic annotation",
@@ -121,11 +126,18 @@ def _save_mask(
             algorithm_version="1",
             series_number=ANNOTATION_SERIES_NUMBER,
             segments=segments_from(structures),
+            created=created,
         )
         write_seg(data, affine, sources, info, target)
     else:
         write_rtstruct(
-            data, affine, sources, structures, target, series_number=ANNOTATION_SERIES_NUMBER
+            data,
+            affine,
+            sources,
+            structures,
+            target,
+            series_number=ANNOTATION_SERIES_NUMBER,
+            created=created,
         )
 
 
