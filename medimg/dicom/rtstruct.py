@@ -28,6 +28,7 @@ import numpy.typing as npt
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from medimg.config import StructureParams
@@ -39,7 +40,7 @@ from medimg.io import atomic_path
 
 ANATOMY = "91723000"  # SNOMED CT Anatomical Structure: an ORGAN to RT systems
 DETACHED_STUDY = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management, as RT references it
-CONTOUR_DATA = 0x30060050
+CONTOUR_DATA = BaseTag(0x30060050)
 
 
 def _decimal_strings(values: npt.NDArray[np.float64]) -> RawDataElement:
