@@ -49,7 +49,7 @@ from medimg.conversion import (
 from medimg.conversion import pseudonymizer as _pseudonymizer
 from medimg.data import manifest as manifest_io
 from medimg.data.labels import class_counts, read_labels
-from medimg.dicom.deid import Pseudonymizer
+from medimg.dicom.deid import Pseudonymizer, refuse_real_files
 from medimg.dicom.dimensions import FAMILIES, family_of, keep_first
 from medimg.dicom.discover import Discovery, Instance, Rejection, discover
 from medimg.dicom.series import GeometryTolerance, Stack, assemble
@@ -179,6 +179,8 @@ def plan_ingest(
     pseudo = _pseudonymizer(cfg)
     found: Discovery = discover(paths.input, workers(cfg))
     plan = Plan(rejected=list(found.rejected), n_files=found.n_files)
+    if pseudo.public:  # the synthetic cohort's public salt: for the generator's files only
+        refuse_real_files([(i.path, i.synthetic) for i in found.instances], cfg, paths.input)
     usable: list[Instance] = []
     for inst in found.instances:
         if inst.burned_in and not cfg.allow_burned_in:

@@ -29,9 +29,11 @@ def synth(
 ) -> dict[str, int]:
     """Write the built-in synthetic cohort to the paths in ``params.data`` (skipped when
     it is already there with the same settings, unless ``force``)."""
+    from medimg.dicom.deid import write_demo_salt
     from medimg.dicom.synth import synth_cohort
 
     d = params.data
+    write_demo_salt(ingest_params(params, root).salt_file)  # the same pseudonyms everywhere
     return synth_cohort(
         params.synth,
         raw_dir=project_path(root, d.raw),

@@ -23,7 +23,7 @@ import os
 import re
 import secrets
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -32,6 +32,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.valuerep import BYTES_VR, STR_VR
+
+from medimg.config import IngestParams
 
 # The profile's names stay importable from here, where they were defined before.
 from medimg.dicom.confidentiality import ANNEX_E as ANNEX_E
@@ -46,6 +48,12 @@ from medimg.io import atomic_path, atomic_write_text
 log = logging.getLogger(__name__)
 
 SALT_ENV = "MEDIMG_SALT"
+# The built-in synthetic cohort holds no patient, so its pseudonyms may use a key that is
+# public: then every machine derives the same pseudonyms and the same patient split from it,
+# and the demo's results repeat (``medimg synth`` writes this salt when there is none yet).
+# Ingest refuses any file the generator did not write while this salt is in use.
+DEMO_SALT = "medimg-synthetic-cohort-public-salt"
+SYNTHETIC_CREATOR = "MEDIMG SYNTH"  # the generator's private creator, (0019,0010)
 
 _DUMMY = {"DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000Y"}
 _DUMMY |= {"IS": "0", "DS": "0"}
@@ -82,6 +90,46 @@ def load_or_create_salt(path: Path) -> bytes:
     return text.encode("utf-8")
 
 
+def write_demo_salt(path: Path) -> bool:
+    """Write the synthetic cohort's public salt (:data:`DEMO_SALT`) to ``path`` unless a
+    salt file is there already or ``$MEDIMG_SALT`` is set; True when it did."""
+    path = Path(path)
+    if path.exists() or os.environ.get(SALT_ENV) is not None:
+        return False
+    atomic_write_text(path, DEMO_SALT + "\n")
+    path.chmod(0o600)
+    log.info("wrote the synthetic cohort's public salt to %s (delete it before real data)", path)
+    return True
+
+
+def from_generator(ds: Dataset) -> bool:
+    """Whether medimg's generator wrote ``ds``: its private creator at (0019,0010)."""
+    elem = ds.get(0x00190010)
+    return elem is not None and str(elem.value).strip() == SYNTHETIC_CREATOR
+
+
+def refuse_real_files(files: Iterable[tuple[Path, bool]], cfg: IngestParams, root: Path) -> None:
+    """Stop before anything is written when the public salt (:data:`DEMO_SALT`) would
+    pseudonymise a file the generator did not write (``files``: path, from the generator).
+
+    Raises:
+        ConfigError: naming the first such file, relative to ``root``.
+    """
+    real = next((path for path, synthetic in files if not synthetic), None)
+    if real is not None:
+        where = real.relative_to(root) if real.is_relative_to(root) else real
+        raise ConfigError(
+            f"{where}: not a file of the synthetic cohort, but the salt in {cfg.salt_file} "
+            "is the synthetic cohort's public one (medimg synth wrote it): delete that "
+            "file and ingest again (a secret salt is made), or set $MEDIMG_SALT"
+        )
+
+
+def is_demo_salt(salt: bytes) -> bool:
+    """Whether ``salt`` is the public one of the synthetic cohort."""
+    return salt == DEMO_SALT.encode("utf-8")
+
+
 class Pseudonymizer:
     """Deterministic keyed pseudonyms and UIDs (HMAC-SHA256 with a secret salt)."""
 
@@ -94,6 +142,11 @@ class Pseudonymizer:
 
     def __repr__(self) -> str:
         return "Pseudonymizer(salt=<hidden>)"
+
+    @property
+    def public(self) -> bool:
+        """Whether the key is the synthetic cohort's public one (:data:`DEMO_SALT`)."""
+        return is_demo_salt(self._salt)
 
     def _digest(self, message: str) -> str:
         return hmac.new(self._salt, message.encode("utf-8"), hashlib.sha256).hexdigest()

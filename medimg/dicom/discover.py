@@ -26,6 +26,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from medimg.dicom.annotations import annotation_kind
+from medimg.dicom.deid import from_generator
 from medimg.dicom.dimensions import Dims, frame_dims, single_frame_dims
 from medimg.dicom.read import dcmread
 
@@ -104,6 +105,7 @@ class Instance:
     instance_number: int | None
     burned_in: bool
     frames: tuple[Frame, ...] = field(default_factory=tuple)
+    synthetic: bool = False  # written by medimg's generator (its private creator)
     header_end: int = -1  # offset where the header scan stopped: Pixel Data, if it met it
 
     @property
@@ -354,6 +356,7 @@ def _classify(
         burned_in=str(h.get("BurnedInAnnotation", "")).upper() == "YES",
         frames=frames,
         header_end=header_end,
+        synthetic=from_generator(ds),
     )
 
 
@@ -362,8 +365,7 @@ def walk(root: Path) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if path.is_symlink() or path.is_file():  # links are reported, never followed
+            if (path := Path(dirpath) / name).is_symlink() or path.is_file():  # never followed
                 yield path
 
 
@@ -382,9 +384,8 @@ def discover(root: Path, workers: int = 1) -> Discovery:
     if workers > 1 and len(paths) >= 64 * workers:  # a pool pays off on larger folders
         from concurrent.futures import ProcessPoolExecutor
 
-        chunk = max(1, len(paths) // (workers * 4))
         with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(read_header, paths, chunksize=chunk))
+            results = list(pool.map(read_header, paths, chunksize=len(paths) // (workers * 4)))
     else:
         results = [read_header(p) for p in paths]
     for r in results:

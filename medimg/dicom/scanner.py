@@ -23,6 +23,7 @@ from pydicom.uid import (
 
 from medimg.config import SynthParams
 from medimg.dicom.acquisition import SeriesPlan, render_series, series_grid
+from medimg.dicom.deid import SYNTHETIC_CREATOR
 from medimg.dicom.phantom import Phantom
 
 FIRST_NAMES = [
@@ -176,7 +177,7 @@ def _series_dataset(plan: SeriesPlan, cfg: SynthParams, ident: dict[str, str]) -
     ds.ImageOrientationPatient = [round(float(c), 8) for c in (*plan.row_dir, *plan.col_dir)]
     _describe_pixels(ds, plan, cfg)
     # A vendor-private block that echoes identifiers, as real scanners do.
-    block = ds.private_block(0x0019, "MEDIMG SYNTH", create=True)
+    block = ds.private_block(0x0019, SYNTHETIC_CREATOR, create=True)
     block.add_new(0x10, "LO", f"{ident['PatientID']} {ds.StationName}")
     return ds
 
