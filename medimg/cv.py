@@ -10,8 +10,9 @@ fold k's patients, trained on the other folds'). Evaluation then:
 3. computes the cross-validation metrics over the OOF cases, with the same patient-level
    intervals as the test metrics (``metrics/<task>.json``'s ``cv`` entry);
 4. joins the fold models into one :class:`~medimg.models.ensemble.Ensemble` (mean of
-   probabilities), saves it as ``models/<task>/model.pt``, the model that is logged,
-   registered and used by ``medimg predict``, and scores the test patients with it.
+   probabilities, each member's temperature-scaled first), saves it as
+   ``models/<task>/model.pt``, the model that is logged, registered and used by
+   ``medimg predict``, and scores the test patients with it.
 """
 
 from __future__ import annotations
@@ -128,9 +129,10 @@ def evaluate_cv(
     oof = out_of_fold(spec, params, processed, members, folds, table)
     temperature, calibrated, calibration = spec.calibrate(oof)
     ensemble = Ensemble(members)  # T = 1: the test cases before calibration
-    raw = predict_table(spec, params, ensemble, processed, table[table["split"] == "test"])
-    test = spec.with_temperature(raw, temperature)
-    ensemble.temperature = torch.tensor(float(temperature))
+    held_out = table[table["split"] == "test"]
+    raw = predict_table(spec, params, ensemble, processed, held_out)
+    ensemble.temperature = torch.tensor(float(temperature))  # each member's, then the mean
+    test = raw if temperature == 1.0 else predict_table(spec, params, ensemble, processed, held_out)
     save_ensemble(ensemble, spec, params, model_dir, folds)
     if calibration:
         calibration["test_ece_before"] = spec.calibration_error(raw)
@@ -149,7 +151,7 @@ def evaluate_cv(
     }
     result["ensemble"] = {
         "members": len(folds),
-        "combination": "mean of the fold models' probabilities",
+        "combination": "mean of the fold models' probabilities, each scaled by the temperature",
         "calibration": calibration or None,
     }
     return result, test

@@ -9,9 +9,13 @@ Sliding-window inference blends the windows of this output, as it blends a singl
 logits.
 
 A temperature ``T`` (fitted on out-of-fold predictions, :mod:`medimg.calibration`)
-divides that output: the mean probability, temperature-scaled as
-:func:`medimg.calibration.apply_temperature` scales a table of probabilities, so that the
-calibrated test cases are the uncalibrated ones scaled, exactly. Segmenters keep T = 1.
+divides each member's logits before they are averaged (calibrate, then pool): out of
+fold every case was scored by one member, so ``T`` is a member's temperature, and each
+member's probabilities are scaled exactly as :func:`medimg.calibration.apply_temperature`
+scales the out-of-fold table. Scaling the mean instead (pool, then calibrate) applied a
+single model's temperature to an average that is already less confident than any
+member, and on the demo worsened the ensemble's test ECE from 0.142 to 0.267
+(docs/performance.md). Segmenters keep T = 1.
 
 Weights are an ordinary state dict (``members.<i>.<name>`` and ``temperature``), so they
 go through safetensors as they are; :func:`first_member` takes a pretrained encoder from
@@ -44,12 +48,12 @@ class Ensemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(self.temperature, dtype=torch.float32)
-        outs = [m(x).float() for m in self.members]
+        outs = [m(x).float() / t for m in self.members]
         if outs[0].shape[1] == 1:  # one logit: the mean of sigmoids, as a logit
             p = torch.stack([torch.sigmoid(o) for o in outs]).mean(0).clamp(EPS, 1 - EPS)
-            return (torch.log(p) - torch.log1p(-p)) / t
+            return torch.log(p) - torch.log1p(-p)
         p = torch.stack([torch.softmax(o, dim=1) for o in outs]).mean(0)
-        return torch.log(p.clamp(EPS, 1 - EPS)) / t
+        return torch.log(p.clamp(EPS, 1 - EPS))
 
 
 def build_ensemble(

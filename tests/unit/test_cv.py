@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import pytest
 import torch
@@ -26,7 +27,7 @@ def _nets(outputs: int, n: int = 3) -> list[nn.Module]:
 
 
 @pytest.mark.parametrize("outputs", [1, 3])
-def test_ensemble_gives_the_mean_probability_then_its_temperature(outputs: int) -> None:
+def test_ensemble_gives_the_mean_of_its_members_temperature_scaled(outputs: int) -> None:
     members, x = _nets(outputs), torch.randn(2, 1, 6, 5, 4)
     with torch.no_grad():
         logits = [m(x) for m in members]
@@ -40,12 +41,20 @@ def test_ensemble_gives_the_mean_probability_then_its_temperature(outputs: int) 
         torch.testing.assert_close(got, mean, atol=1e-5, rtol=0)
         ens.temperature = torch.tensor(2.5)
         scaled = torch.sigmoid(ens(x)) if outputs == 1 else torch.softmax(ens(x), 1)
-    # the module's temperature is the one the per-case tables get (medimg.calibration)
-    flat = mean.numpy().reshape(-1) if outputs == 1 else mean.movedim(1, -1).reshape(-1, 3)
-    want = apply_temperature(flat.numpy() if isinstance(flat, torch.Tensor) else flat, 2.5)
-    have = scaled.numpy().reshape(-1) if outputs == 1 else scaled.movedim(1, -1).reshape(-1, 3)
-    np.testing.assert_allclose(np.asarray(have), want, atol=1e-5)
-    assert not np.allclose(np.asarray(have), np.asarray(flat), atol=1e-3)  # T changed them
+
+    def table(p: torch.Tensor) -> npt.NDArray[np.float64]:  # one row per voxel
+        return np.asarray(
+            p.numpy().reshape(-1) if outputs == 1 else p.movedim(1, -1).reshape(-1, 3)
+        )
+
+    # each member is scaled as the out-of-fold table of its cases is (medimg.calibration),
+    # then the scaled probabilities are averaged: calibrate, then pool
+    act = torch.sigmoid if outputs == 1 else (lambda z: torch.softmax(z, 1))
+    members_scaled = [apply_temperature(table(act(z)), 2.5) for z in logits]
+    np.testing.assert_allclose(table(scaled), np.mean(members_scaled, axis=0), atol=1e-5)
+    pooled_then_scaled = apply_temperature(table(mean), 2.5)
+    assert not np.allclose(table(scaled), pooled_then_scaled, atol=1e-3)  # not the mean scaled
+    assert not np.allclose(table(scaled), table(mean), atol=1e-3)  # T changed them
 
 
 def test_ensemble_state_round_trips_and_gives_its_first_member() -> None:
@@ -160,7 +169,7 @@ def test_cross_validation_scores_every_patient_out_of_fold_and_registers_the_ens
             predict_table(spec, params, m, tiny_processed.processed, test)["probability"]
             for m in fold_models
         ]
-        want = apply_temperature(np.mean(fold_probs, axis=0), t)
+        want = np.mean([apply_temperature(p, t) for p in fold_probs], axis=0)
         got = cases.set_index("key").loc[test["key"], "probability"].to_numpy()
         np.testing.assert_allclose(got, want, atol=1e-5)
         cut = youden_threshold(oof["label"].to_numpy(), oof["probability"].to_numpy())
