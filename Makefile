@@ -68,7 +68,10 @@ lock-cuda: $(STAMP)
 	mv $(VENV)/cuda.lock requirements/cuda.lock
 
 # The demo's data is synthetic, so its pseudonym key may be public: that makes the demo's
-# keys, splits and metrics the same on every machine. Real data gets a secret .medimg-salt.
+# keys, splits and metrics the same on every machine (medimg.dicom.deid.DEMO_SALT; medimg
+# synth also writes it to .medimg-salt when there is none, for a later `dvc exp run`).
+# Under it ingest refuses files medimg's generator did not write. Real data gets a secret
+# .medimg-salt.
 demo: export MEDIMG_SALT ?= medimg-demo-synthetic-data-only
 demo: $(STAMP)
 	$(BIN)/dvc repro

@@ -52,7 +52,7 @@ SALT_ENV = "MEDIMG_SALT"
 # public: then every machine derives the same pseudonyms and the same patient split from it,
 # and the demo's results repeat (``medimg synth`` writes this salt when there is none yet).
 # Ingest refuses any file the generator did not write while this salt is in use.
-DEMO_SALT = "medimg-synthetic-cohort-public-salt"
+DEMO_SALT = "medimg-demo-synthetic-data-only"  # also what `make demo` puts in $MEDIMG_SALT
 SYNTHETIC_CREATOR = "MEDIMG SYNTH"  # the generator's private creator, (0019,0010)
 
 _DUMMY = {"DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000Y"}
@@ -118,10 +118,11 @@ def refuse_real_files(files: Iterable[tuple[Path, bool]], cfg: IngestParams, roo
     real = next((path for path, synthetic in files if not synthetic), None)
     if real is not None:
         where = real.relative_to(root) if real.is_relative_to(root) else real
+        source = f"${SALT_ENV}" if os.environ.get(SALT_ENV) is not None else cfg.salt_file
         raise ConfigError(
-            f"{where}: not a file of the synthetic cohort, but the salt in {cfg.salt_file} "
-            "is the synthetic cohort's public one (medimg synth wrote it): delete that "
-            "file and ingest again (a secret salt is made), or set $MEDIMG_SALT"
+            f"{where}: not a file of the synthetic cohort, but the pseudonym key ({source}) "
+            "is the synthetic cohort's public one: unset $MEDIMG_SALT, or delete the salt "
+            "file medimg synth wrote, and ingest again (a secret salt is made)"
         )
 
 

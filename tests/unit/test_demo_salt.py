@@ -73,10 +73,13 @@ def test_real_files_are_refused_under_the_public_salt_before_any_output(
     with pytest.raises(ConfigError) as err:
         stages.ingest(params, root)
     message = str(err.value)
-    assert "site/CT_small.dcm" in message and "delete that file" in message
+    assert "site/CT_small.dcm" in message and "delete the salt file" in message
     assert "CompressedSamples" not in message  # CT_small's patient name
     assert not (root / params.data.interim).exists()
     (root / params.ingest.salt_file).unlink()  # the way out the message names
     summary = stages.ingest(params, root)
     assert summary["n_files"] >= 4
     assert (root / params.ingest.salt_file).read_text().strip() != DEMO_SALT
+    monkeypatch.setenv("MEDIMG_SALT", DEMO_SALT)  # as `make demo` sets it: refused too
+    with pytest.raises(ConfigError, match=r"CT_small\.dcm.*\$MEDIMG_SALT"):
+        stages.ingest(params, root)
