@@ -7,14 +7,18 @@ output channels. This script times that step, and a sliding-window-sized forward
 inference mode, for each encoder named on the command line, built as ``build_model``
 builds the params' segmenter with only ``arch`` changed.
 
-The encoders alternate (A, B, ..., then B, A, ...) so that other work on the machine
+``--batches`` times each encoder at several batch sizes too: on a CPU a small batch of
+small patches is dominated by per-step costs that do not grow with it (oneDNN's weight
+reorders, the optimiser), so the cost per patch is compared as well.
+
+The variants alternate (A, B, ..., then B, A, ...) so that other work on the machine
 falls on all of them alike; each timed step follows warm-up steps of its own, every
-round is printed, and the summary gives the median step per encoder and the median of
-each round's ratio to the first encoder (above 1: the other encoder is faster).
+round is printed, and the summary gives the median step per variant and the median of
+each round's ratio to the first variant, per patch (above 1: the other is faster).
 Weights are random: the cost of a step does not depend on them.
 
-Run: ``python bench/encoders.py [--archs resnet18 resnet10] [--rounds 5] [--steps 4]``
-(about 1 min on 2 CPU cores).
+Run: ``python bench/encoders.py [--archs resnet18 resnet10] [--batches 2 8] [--rounds 5]
+[--steps 4]`` (about 1 min on 2 CPU cores with the defaults).
 """
 
 from __future__ import annotations
@@ -48,14 +52,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per round (median)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", nargs="+", type=int, help="default: the params' batch size")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
     cfg = params.train.segment
     patch = tuple(params.augment.patch_size)
     outputs = len(params.structures) + 1
-    x = torch.randn(cfg.batch_size, 1, *patch)
-    target = torch.randint(0, outputs, (cfg.batch_size, *patch))
+    batches = args.batches or [cfg.batch_size]
+    variants = [(a, b) for a in args.archs for b in batches]
+    names = [f"{a} x{b}" for a, b in variants]
+    inputs = {
+        b: (torch.randn(b, 1, *patch), torch.randint(0, outputs, (b, *patch))) for b in batches
+    }
     models = {
         a: build_model("segment", cfg.model_copy(update={"arch": a}), outputs) for a in args.archs
     }
@@ -64,7 +73,8 @@ def main() -> None:
     }
     loss = torch.nn.CrossEntropyLoss()
 
-    def step(arch: str) -> float:
+    def step(variant: tuple[str, int]) -> float:
+        arch, (x, target) = variant[0], inputs[variant[1]]
         model, opt = models[arch], optims[arch]
         model.train()
         t = time.perf_counter()
@@ -77,36 +87,40 @@ def main() -> None:
         model = models[arch].eval()
         with torch.inference_mode():
             t = time.perf_counter()
-            model(x[:1])
+            model(inputs[batches[0]][0][:1])
             return time.perf_counter() - t
 
     print(f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}")
-    print(f"batch {cfg.batch_size} x {patch} voxels, {outputs} output channels")
+    print(f"batches {batches} x {patch} voxels, {outputs} output channels")
     for a, m in models.items():
         print(f"  {a}: {sum(p.numel() for p in m.parameters()) / 1e6:.1f} M parameters")
-    for a in args.archs:  # warm-up: kernels, allocator, optimiser state
+    for v in variants:  # warm-up: kernels, allocator, optimiser state
         for _ in range(2):
-            step(a)
-    times: dict[str, list[float]] = {a: [] for a in args.archs}
+            step(v)
+    times: dict[str, list[float]] = {n: [] for n in names}
     inference: dict[str, list[float]] = {a: [] for a in args.archs}
-    ratios: dict[str, list[float]] = {a: [] for a in args.archs[1:]}
+    ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
     for r in range(args.rounds):
-        order = args.archs if r % 2 == 0 else args.archs[::-1]
-        this = {a: statistics.median(step(a) for _ in range(args.steps)) for a in order}
-        for a in order:
-            times[a].append(this[a])
+        order = list(zip(variants, names, strict=True))
+        this = {
+            n: statistics.median(step(v) for _ in range(args.steps))
+            for v, n in order[:: 1 if r % 2 == 0 else -1]
+        }
+        for n in names:
+            times[n].append(this[n])
+        for a in args.archs:
             inference[a].append(infer(a))
-        for a in args.archs[1:]:
-            ratios[a].append(this[args.archs[0]] / this[a])
-        print(f"round {r + 1}: " + ", ".join(f"{a} {this[a]:.3f} s" for a in args.archs))
-    first = args.archs[0]
+        per_patch = {n: this[n] / b for (_, b), n in order}
+        for n in names[1:]:
+            ratios[n].append(per_patch[names[0]] / per_patch[n])
+        print(f"round {r + 1}: " + ", ".join(f"{n} {this[n]:.3f} s" for n in names))
     print("summary (medians):")
+    for (_, b), n in zip(variants, names, strict=True):
+        step_s = statistics.median(times[n])
+        ratio = f", {statistics.median(ratios[n]):.2f}x {names[0]} per patch" if n in ratios else ""
+        print(f"  {n}: training step {step_s:.3f} s, {b / step_s:.1f} patches/s{ratio}")
     for a in args.archs:
-        ratio = f", {statistics.median(ratios[a]):.2f}x {first}" if a in ratios else ""
-        print(
-            f"  {a}: training step {statistics.median(times[a]):.3f} s, "
-            f"inference window {statistics.median(inference[a]):.3f} s{ratio}"
-        )
+        print(f"  {a}: inference window {statistics.median(inference[a]):.3f} s")
 
 
 if __name__ == "__main__":
