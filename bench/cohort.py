@@ -51,9 +51,15 @@ def run(root: Path, *args: str, env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
+# The demo's committed reference (what `dvc metrics diff` compares a reproduction with):
+# pipeline outputs, so a project copy, which has other params, starts without them.
+REFERENCE = ("dvc.lock", "metrics/", "plots/", "models/")
+
+
 def copy_project(dest: Path) -> None:
-    """Copy this repository's files (tracked, or new and not ignored; no outputs) into
-    ``dest``. The integration tests' project copies use it too (tests/integration/project.py).
+    """Copy this repository's files (tracked, or new and not ignored; no outputs, and not
+    the demo's committed reference outputs, :data:`REFERENCE`) into ``dest``. The
+    integration tests' project copies use it too (tests/integration/project.py).
     """
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
@@ -62,6 +68,8 @@ def copy_project(dest: Path) -> None:
         check=True,
     ).stdout.split(b"\0")
     for name in filter(None, listed):
+        if name.decode().startswith(REFERENCE):
+            continue
         src = REPO / name.decode()
         if src.is_file():
             (dest / name.decode()).parent.mkdir(parents=True, exist_ok=True)
