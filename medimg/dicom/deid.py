@@ -79,8 +79,7 @@ def load_or_create_salt(path: Path) -> bytes:
         return from_env.strip().encode("utf-8")
     path = Path(path)
     if not path.exists():
-        atomic_write_text(path, secrets.token_hex(32) + "\n")
-        path.chmod(0o600)
+        _write_salt(path, secrets.token_hex(32))
         log.info("created a new de-identification salt at %s (keep it secret)", path)
     elif path.stat().st_mode & 0o077:
         log.warning("salt file %s is readable by others: chmod 600 it", path)
@@ -90,14 +89,19 @@ def load_or_create_salt(path: Path) -> bytes:
     return text.encode("utf-8")
 
 
+def _write_salt(path: Path, text: str) -> None:
+    """A salt file: written atomically, readable by its owner only."""
+    atomic_write_text(path, text + "\n")
+    path.chmod(0o600)
+
+
 def write_demo_salt(path: Path) -> bool:
     """Write the synthetic cohort's public salt (:data:`DEMO_SALT`) to ``path`` unless a
     salt file is there already or ``$MEDIMG_SALT`` is set; True when it did."""
     path = Path(path)
     if path.exists() or os.environ.get(SALT_ENV) is not None:
         return False
-    atomic_write_text(path, DEMO_SALT + "\n")
-    path.chmod(0o600)
+    _write_salt(path, DEMO_SALT)
     log.info("wrote the synthetic cohort's public salt to %s (delete it before real data)", path)
     return True
 

@@ -14,8 +14,9 @@ fold every case was scored by one member, so ``T`` is a member's temperature, an
 member's probabilities are scaled exactly as :func:`medimg.calibration.apply_temperature`
 scales the out-of-fold table. Scaling the mean instead (pool, then calibrate) applied a
 single model's temperature to an average that is already less confident than any
-member, and on the demo worsened the ensemble's test ECE from 0.142 to 0.267
-(docs/performance.md). Segmenters keep T = 1.
+member (on one demo split it took the ensemble's test ECE from 0.142 to 0.267). Scaling
+each member still worsened it on the reference run (0.113 to 0.162, docs/performance.md):
+the fit is consistent now, not yet a cure. Segmenters keep T = 1.
 
 Weights are an ordinary state dict (``members.<i>.<name>`` and ``temperature``), so they
 go through safetensors as they are; :func:`first_member` takes a pretrained encoder from
