@@ -43,8 +43,8 @@ class SynthParams(StrictModel):
     positive_fraction: Fraction = 0.5  # share of patients carrying lesions (label 1)
     lesions_per_positive: IntRange = (1, 2)  # [min, max] lesions in a positive patient
     lesion_radius_mm: Range = (20.0, 30.0)  # [min, max] ellipsoid semi-axis, mm
-    lesion_contrast_hu: float = 90.0  # solid lesion mean above soft tissue (40 HU), HU;
-    # 40-70 puts enhancing masses at the 80-110 HU they show in portal venous phase
+    lesion_contrast_hu: float = 90.0  # solid lesion mean above soft tissue (55 HU), HU;
+    # 45-90 puts enhancing masses at the 100-145 HU they show in portal venous phase
     lesion_kinds: tuple[Literal["cyst", "solid"], ...] = Field(
         ("solid",), min_length=1
     )  # kinds that

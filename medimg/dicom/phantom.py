@@ -18,23 +18,26 @@ from medimg.config import SynthParams
 from medimg.errors import ConfigError
 
 # Tissue codes of the phantom. LESION is a solid lesion (its name from before cysts).
-AIR, FAT, SOFT, LUNG, BONE, LIVER, LESION, CYST = range(8)
+AIR, FAT, SOFT, LUNG, BONE, LIVER, LESION, CYST, DISC = range(9)
 LESIONS = (LESION, CYST)  # the codes of every lesion kind
-# CT by tissue code, HU: soft tissue 40 and liver 60 (portal venous phase), cortical and
-# cancellous bone 650 on average. A solid lesion gets SynthParams.lesion_contrast_hu on
-# top of soft tissue (its 40 here) and a texture of +-25 HU; a simple cyst is water-like
-# (0-20 HU), homogeneous and non-enhancing.
-CT_HU = np.array([-1000.0, -100.0, 40.0, -820.0, 650.0, 60.0, 40.0, 5.0])
+# CT by tissue code, HU, as in the portal venous phase: muscle-like soft tissue 55, liver
+# 100, cortical and cancellous bone 650 on average, intervertebral discs 80. A solid lesion
+# gets SynthParams.lesion_contrast_hu on top of soft tissue (its 55 here) and a texture of
+# +-25 HU; a simple cyst is water-like (0-20 HU), homogeneous and non-enhancing, 50 HU
+# below soft tissue and 95 below liver (at 40 and 60 HU the CT cysts of the demo, 35 HU
+# below soft tissue under 10 HU of noise, were what its models missed: docs/performance.md).
+CT_HU = np.array([-1000.0, -100.0, 55.0, -820.0, 650.0, 100.0, 55.0, 5.0, 80.0])
 # T1-weighted spin echo by tissue code, a.u.: fat brightest, liver below muscle-like soft
 # tissue; solid lesions brighter than liver, cysts (free water, long T1) dark, well below
-# liver yet above aerated lung.
-MR_SIGNAL = np.array([0.0, 900.0, 420.0, 40.0, 520.0, 330.0, 700.0, 120.0])
+# liver yet above aerated lung; discs darker than the vertebrae's marrow.
+MR_SIGNAL = np.array([0.0, 900.0, 420.0, 40.0, 520.0, 330.0, 700.0, 120.0, 380.0])
 TEXTURE_HU = 25.0  # amplitude of a solid lesion's texture, HU (MR: four times, a.u.)
 CYST_ROUNDNESS = 0.3  # a cyst's semi-axes keep this share of their spread about the mean
 
 # What each segmentation target is, from the anatomy (tissue codes before lesions are
 # painted in) and the final tissue codes: body is everything inside the skin, spine the
-# bone of the vertebrae (not the discs), lesion every lesion of any kind.
+# vertebral column (vertebrae and the discs between them, as SNOMED CT's spine structure
+# is), lesion every lesion of any kind.
 STRUCTURES = ("body", "lung", "liver", "spine", "lesion")
 
 LesionKind = Literal["cyst", "solid"]  # as SynthParams.lesion_kinds names them
@@ -78,10 +81,11 @@ class Phantom:
         for side in (-1, 1):
             lung = ((x - side * 0.45 * a) / (0.3 * a)) ** 2 + ((y + 0.05 * b) / (0.55 * b)) ** 2
             code[lung + ((z - 50) / 80) ** 2 <= 1] = LUNG
-        spine = (x / (0.16 * b)) ** 2 + ((y - 0.62 * b) / (0.16 * b)) ** 2 <= 1
+        # a lumbar vertebral body 36-46 mm across, its centre clear of the back's fat
+        spine = (x / (0.2 * b)) ** 2 + ((y - 0.6 * b) / (0.2 * b)) ** 2 <= 1
         disc = np.mod(z, 32.0) < 6.0  # intervertebral discs every 32 mm
         code[spine & ~disc] = BONE
-        code[spine & disc] = SOFT
+        code[spine & disc] = DISC
         return code
 
     def tissue(
@@ -133,7 +137,7 @@ def label_map(
         "body": lambda: anatomy != AIR,
         "lung": lambda: anatomy == LUNG,
         "liver": lambda: anatomy == LIVER,
-        "spine": lambda: anatomy == BONE,
+        "spine": lambda: (anatomy == BONE) | (anatomy == DISC),
         "lesion": lambda: (code == LESION) | (code == CYST),
     }
     out = np.zeros(code.shape, dtype=np.uint8)

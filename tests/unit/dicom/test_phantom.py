@@ -18,6 +18,7 @@ from medimg.dicom.phantom import (
     AIR,
     BONE,
     CYST,
+    DISC,
     LESION,
     LIVER,
     LUNG,
@@ -73,7 +74,9 @@ def test_label_map_follows_the_anatomy_and_later_structures_win() -> None:
     assert np.array_equal(labels == lesion, code == LESION)
     assert np.array_equal(labels == liver, (anatomy == LIVER) & (code != LESION))
     assert np.array_equal(labels == lung, anatomy == LUNG)
-    assert np.array_equal(labels == spine, anatomy == BONE)  # vertebrae, not the discs
+    column = (anatomy == BONE) | (anatomy == DISC)  # the vertebrae and the discs between
+    assert np.array_equal(labels == spine, column)
+    assert (anatomy == DISC).any() and (anatomy == BONE).sum() > 3 * (anatomy == DISC).sum()
     inside = (anatomy == LIVER) & (code == LESION)
     assert inside.sum() > 100  # the lesion does lie in the liver
     assert (labels[inside] == lesion).all()

@@ -19,6 +19,7 @@ import pytest
 from pydicom import config as dcm_config
 
 from medimg.config import DataParams, Params, SynthParams
+from medimg.dicom import phantom
 from medimg.dicom.geometry import lps_affine, ras_affine
 from medimg.dicom.synth import STRUCTURES, synth_cohort
 from medimg.errors import ConfigError
@@ -32,7 +33,7 @@ KIND_SYNTH = TINY_SYNTH.model_copy(
         "positive_fraction": 0.66,
         "mr_fraction": 0.5,
         "lesion_radius_mm": (10.0, 14.0),
-        "lesion_contrast_hu": 60.0,  # solid lesions at 100 HU
+        "lesion_contrast_hu": 60.0,  # solid lesions at 115 HU
         "lesion_kinds": ("cyst", "solid"),
         "labels": "kind",
     }
@@ -284,7 +285,8 @@ def test_up_to_date_cohort_is_left_alone(tmp_path: Path) -> None:
 
 def test_lesion_kinds_look_as_a_radiologist_would_tell_them_apart(kind_cohort: Cohort) -> None:
     """Measured in the written pixels under the lesion label: CT cysts are water (0-20 HU)
-    and as smooth as the noise, solid lesions enhance (80-110 HU) and are textured; on MR
+    and as smooth as the noise, solid lesions enhance (soft tissue plus the configured
+    contrast, 115 HU here) and are textured; on MR
     (T1-like) cysts are darker than the liver of the same series and solid lesions
     brighter, with the same contrast in texture against the liver's noise."""
     noise = KIND_SYNTH.noise_hu
@@ -299,7 +301,8 @@ def test_lesion_kinds_look_as_a_radiologist_would_tell_them_apart(kind_cohort: C
         assert lesion.size >= 15 and liver.size >= 100, row["series_uid"]
         seen.add((row["modality"], kind))
         if row["modality"] == "CT":
-            low, high = (0.0, 20.0) if kind == "cyst" else (80.0, 110.0)
+            solid = phantom.CT_HU[phantom.SOFT] + KIND_SYNTH.lesion_contrast_hu
+            low, high = (0.0, 20.0) if kind == "cyst" else (solid - 15.0, solid + 15.0)
             assert low <= lesion.mean() <= high, (kind, lesion.mean())
             residuals[kind].append(lesion - lesion.mean())
             continue
@@ -316,10 +319,11 @@ def test_lesion_kinds_look_as_a_radiologist_would_tell_them_apart(kind_cohort: C
 
 def test_label_maps_hold_every_structure_where_its_tissue_is(kind_cohort: Cohort) -> None:
     """Every structure's value appears; under each, CT pixels have that tissue's HU (lung
-    -820, liver 60, vertebral bone 650), so masks and pixels agree; body is in every series
-    and the truth's voxel counts are the masks'."""
-    expected_hu = {LUNG: -820.0, LIVER: 60.0, SPINE: 650.0}
+    -820, liver 100; the spine's vertebral bone 650 and discs 80), so masks and pixels
+    agree; body is in every series and the truth's voxel counts are the masks'."""
+    expected_hu = {LUNG: -820.0, LIVER: 100.0}
     present: set[int] = set()
+    spine: list[np.ndarray] = []
     for row in _truth(kind_cohort):
         values, mask = _pixels_on_mask_grid(kind_cohort, row)
         counts = np.bincount(mask.ravel(), minlength=len(STRUCTURES) + 1)
@@ -331,7 +335,12 @@ def test_label_maps_hold_every_structure_where_its_tissue_is(kind_cohort: Cohort
             for value, hu in expected_hu.items():
                 under = values[mask == value]
                 assert under.size == 0 or abs(under.mean() - hu) < 6.0, (value, under.mean())
+            spine.append(values[mask == SPINE])
     assert present == {0, BODY, LUNG, LIVER, SPINE, LESION}
+    column = np.concatenate(spine)
+    bone = column > (650.0 + 80.0) / 2  # the column: vertebrae and the discs between them
+    assert 0.6 < bone.mean() < 0.95, bone.mean()  # discs: 6 mm of every 32
+    assert abs(column[bone].mean() - 650.0) < 6.0 and abs(column[~bone].mean() - 80.0) < 6.0
 
 
 def test_kind_labels_name_each_patients_lesions(kind_cohort: Cohort) -> None:
