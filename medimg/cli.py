@@ -338,11 +338,11 @@ def ui(
     import os
     import sys
 
-    from medimg.tracking import tracking_uri
+    from medimg.tracking import is_server, tracking_uri
 
     params = _load(params_file)
     uri = tracking_uri(params.tracking)
-    if not uri.startswith(("sqlite:", "file:", "postgresql", "mysql")) and "://" in uri:
+    if is_server(uri):
         typer.echo(f"runs are on a tracking server: open {uri}")
         return
     _warn_if_exposed(host, "the MLflow UI")

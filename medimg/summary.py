@@ -93,7 +93,7 @@ def ui_lines(params: Params, root: Path) -> list[str]:
         urls = tracking.experiment_urls(params, tuple(TASKS), root)
     except TrackingError as e:
         return [f"  runs                   not reachable ({e})"]
-    local = not tracking.tracking_uri(t, root).startswith(("http://", "https://"))
+    local = not tracking.is_server(tracking.tracking_uri(t, root))
     lines = ["  runs, compare          " + ("make ui, then open" if local else "open")]
     lines += [f"    {task:20} {urls.get(task, 'no runs yet')}" for task in TASKS]
     return lines

@@ -35,6 +35,12 @@ def tracking_uri(cfg: TrackingParams, root: Path = Path(".")) -> str:
     return uri
 
 
+def is_server(uri: str) -> bool:
+    """A tracking server, which serves its own UI, rather than a store (SQLite, a folder,
+    a database) that ``mlflow ui`` opens here: the one place this is decided."""
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
 def _is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
@@ -124,7 +130,7 @@ def ui_base(cfg: TrackingParams, root: Path) -> str:
     """The MLflow UI's address: the tracking server's own, or ``tracking.ui_url`` (``make
     ui``) for a local store."""
     uri = tracking_uri(cfg, root)
-    return (uri if uri.startswith(("http://", "https://")) else cfg.ui_url).rstrip("/")
+    return (uri if is_server(uri) else cfg.ui_url).rstrip("/")
 
 
 def experiment_url(cfg: TrackingParams, root: Path, experiment_id: str) -> str:

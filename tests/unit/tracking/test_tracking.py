@@ -54,6 +54,39 @@ def test_store_uri_from_params_env_and_root(
     assert tracking.tracking_uri(cfg, tmp_path / "b") == "http://tracking.example:5000"
 
 
+LOCAL_UI = "http://127.0.0.1:5000"  # tracking.ui_url: `make ui`
+
+
+@pytest.mark.parametrize(
+    ("uri", "server", "ui"),
+    [
+        ("http://tracking.example:5000", True, "http://tracking.example:5000"),
+        ("https://mlflow.hospital.example/", True, "https://mlflow.hospital.example"),
+        ("sqlite:////srv/runs.db", False, LOCAL_UI),
+        ("file:///srv/mlruns", False, LOCAL_UI),
+        ("postgresql://mlflow@db.example/mlflow", False, LOCAL_UI),
+        ("mlruns", False, LOCAL_UI),
+    ],
+)
+def test_a_server_has_its_own_ui_a_store_opens_in_ours(uri: str, server: bool, ui: str) -> None:
+    """Links point at a tracking server's UI, or at `make ui` for a store opened here."""
+    assert tracking.is_server(uri) is server
+    cfg = TrackingParams(uri=uri, ui_url=LOCAL_UI)
+    assert tracking.store.ui_base(cfg, Path(".")) == ui
+
+
+def test_make_ui_on_a_tracking_server_points_at_its_ui(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`medimg ui` starts no local UI when the runs are on a server; it names the server."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.hospital.example")
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(json.dumps(Params().model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["ui", "--params", str(pfile)])
+    assert result.exit_code == 0, result.output
+    assert "runs are on a tracking server: open https://mlflow.hospital.example" in result.output
+
+
 def test_flatten_names_every_leaf() -> None:
     flat = tracking.flatten(Params().model_dump(mode="json"))
     assert flat["train.classify.lr"] == "0.001"
