@@ -1,7 +1,7 @@
 """Models whose output is known in advance, and a project to predict with them.
 
 The cohort (:data:`EXACT_SYNTH`) is CT on 6 mm isotropic grids without noise; its lesions
-are the only tissue between 80 and 250 HU, so a "model" that thresholds that band returns
+are the only tissue between 110 and 200 HU, so a "model" that thresholds that band returns
 exactly the lesion. Both band models go through the real path: ``tracking.log_model``
 (safetensors + config), registration with the champion alias in a SQLite store, loading by
 ``models:/`` URI (see tests/unit/test_predict.py).
@@ -23,6 +23,7 @@ from medimg.config import (
     IngestParams,
     Params,
     PredictParams,
+    PreprocessParams,
     SynthParams,
     TrackingParams,
 )
@@ -44,8 +45,12 @@ EXACT_SYNTH = SynthParams(
     shuffle_instance_fraction=0.5,
     descending_fraction=0.5,
 )
-# The lesion band in the model's scaled units: CT window [-200, 300] HU -> [0, 1].
-BAND = ((80.0 + 200.0) / 500.0, (250.0 + 200.0) / 500.0)
+# The lesion band, HU, and in the model's scaled units (the CT window mapped to [0, 1]).
+# Solid lesions are 145 +- 25 HU; below the band are liver (100 HU) and discs (80 HU),
+# above it bone (650 HU, clamped to the window's top).
+BAND_HU = (110.0, 200.0)
+_LOW, _HIGH = PreprocessParams().ct_window_hu
+BAND = tuple((hu - _LOW) / (_HIGH - _LOW) for hu in BAND_HU)
 SALT = "medimg-predict-test-salt"
 
 

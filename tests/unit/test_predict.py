@@ -2,7 +2,7 @@
 
 The cohort is CT on 6 mm isotropic grids without noise, in every orientation the
 generator writes (axial, coronal, sagittal, oblique; ascending and descending; shuffled
-InstanceNumber). Its lesions are the only tissue between 80 and 250 HU, so a "model" that
+InstanceNumber). Its lesions are the only tissue between 110 and 200 HU, so a "model" that
 thresholds that band returns exactly the lesion: the predicted mask must then equal the
 generator's ground truth voxel for voxel, on the series' own grid and in the DICOM SEG.
 Both models go through the real path: ``tracking.log_model`` (safetensors + config),
