@@ -290,6 +290,7 @@ def test_lesion_kinds_look_as_a_radiologist_would_tell_them_apart(kind_cohort: C
     (T1-like) cysts are darker than the liver of the same series and solid lesions
     brighter, with the same contrast in texture against the liver's noise."""
     noise = KIND_SYNTH.noise_hu
+    solid = phantom.CT_HU[phantom.SOFT] + KIND_SYNTH.lesion_contrast_hu  # mean HU
     residuals: dict[str, list[np.ndarray]] = defaultdict(list)
     seen = set()
     for row in _truth(kind_cohort):
@@ -301,7 +302,6 @@ def test_lesion_kinds_look_as_a_radiologist_would_tell_them_apart(kind_cohort: C
         assert lesion.size >= 15 and liver.size >= 100, row["series_uid"]
         seen.add((row["modality"], kind))
         if row["modality"] == "CT":
-            solid = phantom.CT_HU[phantom.SOFT] + KIND_SYNTH.lesion_contrast_hu
             low, high = (0.0, 20.0) if kind == "cyst" else (solid - 15.0, solid + 15.0)
             assert low <= lesion.mean() <= high, (kind, lesion.mean())
             residuals[kind].append(lesion - lesion.mean())
