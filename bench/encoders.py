@@ -5,7 +5,9 @@ backward pass and one fused AdamW step on a batch of the params' patches
 (``augment.patch_size``, ``train.segment.batch_size``), with the params' structures as
 output channels. This script times that step, and a sliding-window-sized forward pass in
 inference mode, for each encoder named on the command line, built as ``build_model``
-builds the params' segmenter with only ``arch`` changed.
+builds the params' segmenter with only ``arch`` changed, or ``arch:width`` (``resnet10:32``:
+``train.segment.width`` too, the decoder's channels scaled by the width's ratio to the
+params' width, at least 4).
 
 ``--batches`` times each encoder at several batch sizes too: on a CPU a small batch of
 small patches is dominated by per-step costs that do not grow with it (oneDNN's weight
@@ -17,8 +19,10 @@ round is printed, and the summary gives the median step per variant and the medi
 each round's ratio to the first variant, per patch (above 1: the other is faster).
 Weights are random: the cost of a step does not depend on them.
 
-Run: ``python bench/encoders.py [--archs resnet18 resnet10] [--batches 2 8] [--rounds 5]
-[--steps 4]`` (about 1 min on 2 CPU cores with the defaults).
+Run: ``python bench/encoders.py [--archs resnet18 resnet10 resnet10:32] [--batches 2 8]
+[--rounds 5] [--steps 4]`` (about 1 min on 2 CPU cores with the defaults). For the kernels
+of reproducible mode (AVX2) on a newer CPU, run it with ``ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2`` in the environment.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from medimg.config import load_params
+from medimg.config import SegmentParams, load_params
 from medimg.models.build import build_model
 from medimg.optim import build_optimizer
 from medimg.runtime import environment
@@ -65,9 +69,19 @@ def main() -> None:
     inputs = {
         b: (torch.randn(b, 1, *patch), torch.randint(0, outputs, (b, *patch))) for b in batches
     }
-    models = {
-        a: build_model("segment", cfg.model_copy(update={"arch": a}), outputs) for a in args.archs
-    }
+
+    def variant_cfg(spec: str) -> SegmentParams:
+        arch, _, width = spec.partition(":")
+        if not width:
+            return cfg.model_copy(update={"arch": arch})
+        w = int(width)
+        decoder = tuple(max(4, c * w // cfg.width) for c in cfg.decoder_channels)
+        return SegmentParams.model_validate(
+            {**cfg.model_dump(), "arch": arch, "width": w, "decoder_channels": decoder}
+        )
+
+    cfgs = {a: variant_cfg(a) for a in args.archs}
+    models = {a: build_model("segment", c, outputs) for a, c in cfgs.items()}
     optims = {
         a: build_optimizer([{"params": list(m.parameters())}], cfg) for a, m in models.items()
     }
@@ -93,7 +107,11 @@ def main() -> None:
     print(f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}")
     print(f"batches {batches} x {patch} voxels, {outputs} output channels")
     for a, m in models.items():
-        print(f"  {a}: {sum(p.numel() for p in m.parameters()) / 1e6:.1f} M parameters")
+        c = cfgs[a]
+        print(
+            f"  {a}: {sum(p.numel() for p in m.parameters()) / 1e6:.1f} M parameters, width"
+            f" {c.width}, decoder {list(c.decoder_channels)}"
+        )
     for v in variants:  # warm-up: kernels, allocator, optimiser state
         for _ in range(2):
             step(v)

@@ -59,8 +59,8 @@ class EarlyStopping:
         if best:
             self.best_metric, self.best_loss, self.best_epoch = score, loss, epoch
             self.bad_epochs = 0
-        else:
-            self.bad_epochs += 1
+        else:  # epochs since the best, whether or not each one was validated
+            self.bad_epochs = epoch - self.best_epoch
         return best
 
     @property

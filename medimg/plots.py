@@ -385,8 +385,9 @@ def plot_training_curves(
     panels = [cols for cols in (losses, others) if cols]
     fig, axes = _figure(WIDE_FIGSIZE if len(panels) == 2 else FIGSIZE, max(len(panels), 1))
     for ax, cols in zip(axes[0], panels, strict=False):
-        for c in cols:
-            ax.plot(epoch, table[c], marker=".", label=c)
+        for c in cols:  # epochs without validation (val_every) are left out, not gaps
+            kept = table[c].notna()
+            ax.plot(epoch[kept], table[c][kept], marker=".", label=c)
         ax.set(xlabel="epoch", ylabel="loss" if cols is losses else "metric")
         ax.legend()
     return _write(fig, table, out_dir, name)

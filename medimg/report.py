@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -248,6 +249,10 @@ class _History(_Result, Protocol):
     stopped_early: bool
 
 
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def write_training_summary(path: Path, val_metric: str, result: _History) -> None:
     """``metrics/<task>_train.json``: the best epoch, its validation metric, the history."""
     summary = {
@@ -257,7 +262,10 @@ def write_training_summary(path: Path, val_metric: str, result: _History) -> Non
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
         # wall-clock seconds vary run to run: kept out of the tracked metrics file
-        "history": [{k: v for k, v in h.items() if k != "seconds"} for h in result.history],
+        # and an epoch that was not validated (val_every) has null, not NaN, val_* values
+        "history": [
+            {k: _finite_or_none(v) for k, v in h.items() if k != "seconds"} for h in result.history
+        ],
     }
     atomic_write_text(path, json.dumps(summary, indent=1, sort_keys=True))
 

@@ -289,7 +289,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 train_loss = self.train_one_epoch(c, epoch)
                 val_loss, val_metric, best = math.nan, math.nan, False
-                if self.rank == 0:
+                if self.rank == 0 and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
                     val_loss, val_metric = self.validate(c.model, c.val_data)
                     best = stopper.update(epoch, val_metric, val_loss)
                 if best:

@@ -79,6 +79,9 @@ class TaskTrainParams(StrictModel):
     # (segment: patches_per_volume slices of patch_size[:2], predicted slice by slice;
     # classify: each volume a bag of slices, top-k mean of slice logits)
     conv1_stride: int = Field(2, ge=1, le=2)  # first conv stride (2 is ~7x faster in 3D)
+    width: Literal[16, 32, 64] = 64  # channels of the ResNet's first stage, doubled by each
+    # later one: 64 is the standard network, the one pretrained files hold; 32 has a
+    # quarter of the weights and trains ~3x faster on a CPU (docs/performance.md)
     pretrained: str = "none"  # none | path to MedicalNet .pth, torchvision .pth,
     # medimg checkpoint, or an MLflow URI such as models:/medimg-classifier@champion
     min_loaded_fraction: Fraction = 0.9  # fail when fewer backbone tensors load
@@ -92,6 +95,8 @@ class TaskTrainParams(StrictModel):
     weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: int = Field(1, ge=0)  # linear warm-up, then cosine decay to zero
     patience: int = Field(15, ge=1)  # epochs without validation improvement before stopping
+    val_every: int = Field(1, ge=1)  # validate every N epochs and after the last (MONAI's
+    # val_interval): the best weights are chosen among the validated epochs
     decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 8)  # segmentation decoder widths
 
 

@@ -15,6 +15,7 @@ from monai.networks.nets.resnet import ResNet, get_inplanes, resnet_params
 from torch import nn
 
 from medimg.config import TaskTrainParams
+from medimg.models.unet import STANDARD_WIDTH
 
 HEAD = "fc"  # the classification head's module name; everything else is the encoder
 TOP_K_FRACTION = 0.1  # 2D: share of a volume's axial slices whose logits are averaged
@@ -81,6 +82,7 @@ def build_classifier(cfg: TaskTrainParams, in_channels: int = 1, outputs: int = 
             conv1_t_size=7,
             shortcut_type="B",
             bias_downsample=False,
+            widen_factor=cfg.width / STANDARD_WIDTH,
         )
     from monai.networks.nets import resnet
 
@@ -98,6 +100,7 @@ def build_classifier(cfg: TaskTrainParams, in_channels: int = 1, outputs: int = 
         conv1_t_size=7,
         shortcut_type=shortcut,
         bias_downsample=bias_downsample,
+        widen_factor=cfg.width / STANDARD_WIDTH,  # cfg.width channels in the first stage
     )
     if getattr(cfg, "pooling", "avg") == "max":  # ClassifyParams.pooling
         model.avgpool = nn.AdaptiveMaxPool3d(1)  # the name MONAI's forward calls

@@ -198,16 +198,14 @@ class TrainRun:
     def on_epoch(self, entry: Any) -> None:
         """Trainer callback: queue the epoch's metrics (returns at once)."""
         if self.sender is not None:
-            self.sender.log(
-                {
-                    "train_loss": entry.train_loss,
-                    "val_loss": entry.val_loss,
-                    "val_metric": entry.val_metric,
-                    "lr": entry.lr,
-                    "epoch_seconds": entry.seconds,
-                },
-                step=entry.epoch,
-            )
+            values = {
+                "train_loss": entry.train_loss,
+                "val_loss": entry.val_loss,
+                "val_metric": entry.val_metric,
+                "lr": entry.lr,
+                "epoch_seconds": entry.seconds,
+            }  # an epoch that was not validated (train.<task>.val_every) has no val_*
+            self.sender.log({k: v for k, v in values.items() if math.isfinite(v)}, step=entry.epoch)
 
     def finish(self, result: Any, metrics_file: Path | None) -> str:
         """Log the summary, the files and the model; returns the model URI."""

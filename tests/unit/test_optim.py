@@ -65,3 +65,14 @@ def test_warm_up_then_cosine_to_zero() -> None:
     assert factor(2) == pytest.approx(1.0)
     assert factor(6) == pytest.approx(0.5)
     assert factor(10) == pytest.approx(0.0) and factor(20) == pytest.approx(0.0)
+
+
+def test_patience_counts_epochs_between_sparse_validations() -> None:
+    """Validated every third epoch (val_every: 3), patience still counts epochs since the
+    best, not validations."""
+    stop = EarlyStopping(patience=6)
+    assert stop.update(3, 0.5, 1.0)
+    assert not stop.update(6, 0.4, 1.0)
+    assert stop.bad_epochs == 3 and not stop.stop
+    assert not stop.update(9, 0.4, 1.0)
+    assert stop.bad_epochs == 6 and stop.stop

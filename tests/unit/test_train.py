@@ -211,3 +211,30 @@ def test_the_fused_optimiser_step_is_the_reference_adamw_up_to_rounding() -> Non
     assert moved > 1e-3  # four steps of about lr each
     for ref, got in zip(weights["reference"], weights["trainer"], strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_validation_every_other_epoch(tiny_processed: Processed, tmp_path: Path) -> None:
+    """``val_every: 2``: epochs 2, 4 and the last, 5, are validated and only they can be the
+    best; the others have no validation values in the history, the metrics file (null) and
+    the plot's table, and training runs every epoch all the same."""
+    from medimg import stages
+
+    seen: list = []
+    result = stages.train(
+        train_params(tiny_processed, tmp_path, epochs=5, val_every=2),
+        "segment",
+        callbacks=[seen.append],
+    )
+    assert [e.epoch for e in seen] == [1, 2, 3, 4, 5]
+    validated = [h["epoch"] for h in result.history if h["val_metric"] == h["val_metric"]]
+    assert validated == [2, 4, 5]
+    assert result.best_epoch in (2, 4, 5)
+    assert all(h["train_loss"] > 0 for h in result.history)
+    summary = json.loads((tmp_path / "metrics" / "segment_train.json").read_text())
+    assert [h["val_loss"] is None for h in summary["history"]] == [True, False, True, False, False]
+    from medimg.plots import plot_training_curves
+
+    plot_training_curves(summary["history"], tmp_path / "plots")  # as evaluate draws it
+    table = (tmp_path / "plots" / "training.csv").read_text().splitlines()
+    assert len(table) == 6 and table[1].split(",")[table[0].split(",").index("val_metric")] == ""
