@@ -27,9 +27,11 @@ def test_repo_params_file_is_valid_and_matches_defaults() -> None:
         "split": {"n_folds": 3},
         "train": {"folds": [0, 1, 2],
                   "classify": {"classes": ["none", "cyst", "solid"], "arch": "resnet10",
-                               "pooling": "max", "pretrained": "none", "lr": 0.0002,
-                               "freeze_encoder_epochs": 0, "head_lr_mult": 1.0, "epochs": 20},
-                  "segment": {"nsd_tolerance_mm": 6.0, "epochs": 12, "arch": "resnet10"}},
+                               "pooling": "max", "pretrained": "none", "lr": 0.001, "width": 32,
+                               "freeze_encoder_epochs": 0, "head_lr_mult": 1.0, "epochs": 40},
+                  "segment": {"nsd_tolerance_mm": 6.0, "epochs": 24, "arch": "resnet10",
+                              "width": 32, "val_every": 2,
+                              "decoder_channels": [64, 32, 16, 16, 8]}},
         "structures": [s.model_dump(mode="json") for s in loaded.structures],
     }  # fmt: skip
     assert [s.name for s in loaded.structures] == ["body", "lung", "liver", "spine", "lesion"]
