@@ -165,6 +165,8 @@ class _Task(Protocol):  # what the card says of a task (a medimg.tasks.TaskSpec)
     def val_metric_card(self) -> str: ...
     @property
     def labels(self) -> tuple[str, ...]: ...
+    @property
+    def with_masks(self) -> bool: ...
 
 
 class _Result(Protocol):  # what the card says of a run (a medimg.train.TrainResult)
@@ -205,7 +207,9 @@ def write_model_card(
         "",
         f"**Architecture.** {cfg.arch} ({cfg.spatial_dims}D, {task.architecture}"
         + (f", {task.slices}" if cfg.spatial_dims == 2 else "")
-        + f"), first-conv stride {cfg.conv1_stride}; initialised from `{cfg.pretrained}`"
+        + f"), width {cfg.width} (first-stage channels; 64 is the standard ResNet)"
+        + (f", decoder {list(cfg.decoder_channels)}" if task.with_masks else "")
+        + f", first-conv stride {cfg.conv1_stride}; initialised from `{cfg.pretrained}`"
         + f" ({result.initialisation}).",
         "",
         "**Data.** Preprocessed volumes (see the `preprocess` section of the resolved config):"
@@ -215,7 +219,9 @@ def write_model_card(
         " Test patients were never seen in training or model selection.",
         "",
         f"**Training.** {result.epochs_run} epochs (best {result.best_epoch}, validation"
-        f" {task.val_metric_card} {result.best_metric:.3f}), AdamW lr {cfg.lr},"
+        f" {task.val_metric_card} {result.best_metric:.3f}"
+        + (f", validated every {cfg.val_every} epochs" if cfg.val_every > 1 else "")
+        + f"), AdamW lr {cfg.lr},"
         f" batch {cfg.batch_size}, seed {seed}.",
         "",
         "**Environment.** " + _environment(result.environment),

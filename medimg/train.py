@@ -330,16 +330,10 @@ class Trainer:
         self.writer.save(payload, self.out_dir / CHECKPOINT, live, crc32=False)
         for cb in callbacks:
             cb(e)
-        log.info(
-            "%s epoch %d: train loss %.4f, val loss %.4f, val %s %.4f%s",
-            self.task.name,
-            e.epoch,
-            e.train_loss,
-            e.val_loss,
-            self.task.val_metric_title,
-            e.val_metric,
-            " (best)" if e.best else "",
-        )
+        val = f", val loss {e.val_loss:.4f}, val {self.task.val_metric_title} {e.val_metric:.4f}"
+        shown = val if math.isfinite(e.val_loss) else ""  # not validated (val_every)
+        log.info("%s epoch %d: train loss %.4f%s%s", self.task.name, e.epoch, e.train_loss,
+                 shown, " (best)" if e.best else "")  # fmt: skip
 
 
 def _configured(task: str, config: TrainConfig, processed: Path) -> TaskSpec:

@@ -81,7 +81,7 @@ class TaskTrainParams(StrictModel):
     conv1_stride: int = Field(2, ge=1, le=2)  # first conv stride (2 is ~7x faster in 3D)
     width: Literal[16, 32, 64] = 64  # channels of the ResNet's first stage, doubled by each
     # later one: 64 is the standard network, the one pretrained files hold; 32 has a
-    # quarter of the weights and trains ~3x faster on a CPU (docs/performance.md)
+    # quarter of the weights and a 2.25x faster step on 2 AVX2 cores (docs/performance.md)
     pretrained: str = "none"  # none | path to MedicalNet .pth, torchvision .pth,
     # medimg checkpoint, or an MLflow URI such as models:/medimg-classifier@champion
     min_loaded_fraction: Fraction = 0.9  # fail when fewer backbone tensors load

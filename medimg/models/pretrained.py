@@ -245,7 +245,8 @@ def _too_little(
         f"of the {_NOUN[target]} loaded ({report.fraction:.1%} < min {min_fraction:.0%}): "
         f"{len(report.missing)} missing, {len(report.skipped_shape)} wrong shape "
         f"(e.g. {examples}), {len(report.unexpected)} unused in the file ({fmt} format). "
-        "Wrong architecture depth (train.<task>.arch vs the file)? Wrong file? Lower "
+        "Wrong architecture depth (train.<task>.arch vs the file) or width "
+        "(train.<task>.width; pretrained files are 64)? Wrong file? Lower "
         "train.<task>.min_loaded_fraction only if a partial load is intended."
     )
 

@@ -38,7 +38,7 @@ def register_encoder(arch: str, width: int) -> None:
         return
     block, layers, shortcut, bias_downsample, _ = resnet_params[arch]
     planes = [width * 2**i for i in range(4)]
-    grow = 4 if arch == "resnet50" else 1  # bottleneck blocks widen their output 4x
+    grow = 4 if block == "bottleneck" else 1  # bottleneck blocks widen their output 4x
 
     class NarrowResNetEncoder(ResNetFeatures, BaseEncoder):
         def __init__(

@@ -204,8 +204,8 @@ class TrainRun:
                 "val_metric": entry.val_metric,
                 "lr": entry.lr,
                 "epoch_seconds": entry.seconds,
-            }  # an epoch that was not validated (train.<task>.val_every) has no val_*
-            self.sender.log({k: v for k, v in values.items() if math.isfinite(v)}, step=entry.epoch)
+            }  # the sender drops the NaN val_* of an epoch not validated (val_every)
+            self.sender.log(values, step=entry.epoch)
 
     def finish(self, result: Any, metrics_file: Path | None) -> str:
         """Log the summary, the files and the model; returns the model URI."""
