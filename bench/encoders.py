@@ -7,7 +7,7 @@ output channels. This script times that step, and a sliding-window-sized forward
 inference mode, for each encoder named on the command line, built as ``build_model``
 builds the params' segmenter with only ``arch`` changed, or ``arch:width`` (``resnet10:32``:
 ``train.segment.width`` too, the decoder's channels scaled by the width's ratio to the
-params' width, at least 4).
+params' width, at least 4), or ``arch:width:decoder`` (``resnet10:64:128,64,32,16,8``).
 
 ``--batches`` times each encoder at several batch sizes too: on a CPU a small batch of
 small patches is dominated by per-step costs that do not grow with it (oneDNN's weight
@@ -71,11 +71,16 @@ def main() -> None:
     }
 
     def variant_cfg(spec: str) -> SegmentParams:
-        arch, _, width = spec.partition(":")
+        arch, _, rest = spec.partition(":")
+        width, _, channels = rest.partition(":")
         if not width:
             return cfg.model_copy(update={"arch": arch})
         w = int(width)
-        decoder = tuple(max(4, c * w // cfg.width) for c in cfg.decoder_channels)
+        decoder = (
+            tuple(int(c) for c in channels.split(","))
+            if channels
+            else tuple(max(4, c * w // cfg.width) for c in cfg.decoder_channels)
+        )
         return SegmentParams.model_validate(
             {**cfg.model_dump(), "arch": arch, "width": w, "decoder_channels": decoder}
         )
