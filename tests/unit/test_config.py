@@ -29,7 +29,7 @@ def test_repo_params_file_is_valid_and_matches_defaults() -> None:
                   "classify": {"classes": ["none", "cyst", "solid"], "arch": "resnet10",
                                "pooling": "max", "pretrained": "none", "lr": 0.001, "width": 32,
                                "freeze_encoder_epochs": 0, "head_lr_mult": 1.0, "epochs": 40},
-                  "segment": {"nsd_tolerance_mm": 6.0, "epochs": 24, "arch": "resnet10",
+                  "segment": {"nsd_tolerance_mm": 6.0, "epochs": 30, "arch": "resnet10",
                               "width": 32, "val_every": 2,
                               "decoder_channels": [64, 32, 16, 16, 8]}},
         "structures": [s.model_dump(mode="json") for s in loaded.structures],
