@@ -76,16 +76,25 @@ def copy_project(dest: Path) -> None:
             shutil.copy2(src, dest / name.decode())
 
 
-def scratch_project(root: Path, edit: Callable[[dict[str, Any]], None]) -> None:
-    """This repository's files copied into ``root`` (:func:`copy_project`) as a fresh git
-    repository, with ``edit`` applied to its params.yaml."""
+def scratch_project(
+    root: Path, edit: Callable[[dict[str, Any]], None], exclude: tuple[str, ...] = ()
+) -> None:
+    """This repository's files copied into ``root`` (:func:`copy_project`) as a git
+    repository, with ``edit`` applied to its params.yaml. Into an earlier copy, the files
+    are updated and committed when they changed (``exclude``: git patterns of what the
+    bench itself keeps there, never committed)."""
     copy_project(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     edit(params)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(root, "git", "init", "-q")
+    if exclude:
+        (root / ".git" / "info").mkdir(parents=True, exist_ok=True)
+        (root / ".git" / "info" / "exclude").write_text("".join(f"{p}\n" for p in exclude))
     run(root, "git", "add", "-A")
-    run(root, "git", "commit", "-qm", "bench")
+    changed = subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=root, env=PROJECT_ENV)
+    if changed.returncode:
+        run(root, "git", "commit", "-qm", "bench")
 
 
 def scratch_params(root: Path, n_patients: int) -> Params:

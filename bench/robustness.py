@@ -13,12 +13,17 @@ standard deviation and minimum, and whether every seed reaches the demo's target
 
 The full run (5 seeds, 120 patients) takes hours on two cores: ``--seeds 2 --patients
 40 --epochs 3`` gives a quick look (its numbers are not the demo's). ``--keep DIR`` keeps the
-runs' folders, metrics and models there.
+runs' folders, metrics and models there, and makes the run resumable: started again with
+the same ``--keep DIR``, it reuses the cohort and every finished run whose inputs are
+unchanged (the params and the contents of the code the training and evaluation stages of
+dvc.yaml depend on, hashed as DVC would decide to rerun them), so that the seeds of a long
+run can be spread over several sittings (``--seeds 0,1`` now, ``--seeds 5`` later).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -28,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cohort import BIN, PROJECT_ENV, run, scratch_project
+from cohort import BIN, PROJECT_ENV, REPO, run, scratch_project
 
 TARGETS = {"classify": 0.90, "segment": 0.80}  # per class AUROC, per structure Dice
 TASKS = ("segment", "classify")
@@ -50,14 +55,43 @@ def _task_values(result: dict[str, Any], part: str) -> dict[str, float]:
     return out
 
 
+def code_hash(root: Path, prefixes: tuple[str, ...]) -> str:
+    """SHA-256 over the code files that the stages of ``root``'s dvc.yaml named by
+    ``prefixes`` depend on (their paths and contents: what makes DVC rerun them)."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    deps: set[str] = set()
+    for name, stage in stages.items():
+        if name.startswith(prefixes):
+            deps.update(d for d in (stage.get("do") or stage).get("deps", []) if "${" not in d)
+    digest = hashlib.sha256()
+    for dep in sorted(deps):
+        digest.update(dep.encode() + b"\0" + (root / dep).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _inputs(
+    root: Path, prefixes: tuple[str, ...], params: dict[str, Any], env: dict[str, str]
+) -> str:
+    """What a finished run or cohort must match to be reused: params, code, machine settings."""
+    pinned = {k: env.get(k, "") for k in OTHER_MACHINE}
+    text = json.dumps([params, code_hash(root, prefixes), pinned], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _run_seed(root: Path, seed: int, tag: str, env: dict[str, str]) -> dict[str, Any]:
-    """One seed's training and evaluation of both tasks, outputs under ``runs/<tag>``."""
+    """One seed's training and evaluation of both tasks, outputs under ``runs/<tag>``;
+    a finished run with the same inputs (``runs/<tag>/done.json``) is reused."""
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["seed"] = seed
     out = root / "runs" / tag
     for key in ("models", "metrics", "plots"):
         params["data"][key] = str(out / key)
     params["tracking"]["enabled"] = False  # the bench measures the numbers, not MLflow
+    inputs = _inputs(root, ("train_", "evaluate_"), params, env)
+    done = out / "done.json"
+    if done.is_file() and (record := json.loads(done.read_text()))["inputs"] == inputs:
+        print(f"# {tag}: reused (finished earlier with the same inputs)", flush=True)
+        return {**record, "reused": True}
     out.mkdir(parents=True, exist_ok=True)
     pfile = out / "params.yaml"
     pfile.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -66,7 +100,28 @@ def _run_seed(root: Path, seed: int, tag: str, env: dict[str, str]) -> dict[str,
         for command in ("train", "evaluate"):
             run(root, str(BIN / "medimg"), command, "--task", task, "--params", str(pfile), env=env)
     files = {task: (out / "metrics" / f"{task}.json").read_text() for task in TASKS}
-    return {"tag": tag, "seed": seed, "seconds": time.perf_counter() - t0, "files": files}
+    record = {
+        "tag": tag, "seed": seed, "seconds": time.perf_counter() - t0, "files": files,
+        "inputs": inputs, "commit": _commit(), "finished": time.strftime("%Y-%m-%d %H:%M"),
+    }  # fmt: skip
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(done)
+    return record
+
+
+def _commit() -> str:
+    """This repository's commit, with "+changes" when its tracked files differ from it."""
+    head = run(REPO, "git", "rev-parse", "--short", "HEAD").strip()
+    dirty = run(REPO, "git", "status", "--porcelain", "--untracked-files=no").strip()
+    return head + ("+changes" if dirty else "")
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: a count N (seeds 0..N-1) or a comma-separated list (``1,2``)."""
+    if "," in text:
+        return [int(v) for v in text.split(",") if v.strip()]
+    return list(range(int(text)))
 
 
 def _row(r: dict[str, Any]) -> dict[str, float]:
@@ -104,7 +159,8 @@ def report(runs: list[dict[str, Any]], other: dict[str, Any] | None) -> str:
     for r in runs:
         ok = _meets_targets(rows[r["tag"]])
         lines.append(
-            f"# {r['tag']}: {r['seconds'] / 60:.1f} min; targets "
+            f"# {r['tag']}: {r['seconds'] / 60:.1f} min, commit {r.get('commit', '?')}, "
+            f"{r.get('finished', '')}{' (reused)' if r.get('reused') else ''}; targets "
             f"(AUROC >= {TARGETS['classify']} per class, Dice >= {TARGETS['segment']} "
             f"per structure): {'met' if ok else 'NOT met'}"
         )
@@ -119,7 +175,9 @@ def report(runs: list[dict[str, Any]], other: dict[str, Any] | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
+    parser.add_argument(
+        "--seeds", type=seed_list, default=list(range(5)), help="N (seeds 0..N-1) or a list: 1,2"
+    )
     parser.add_argument("--patients", type=int, help="cohort size (default: params.yaml's)")
     parser.add_argument("--epochs", type=int, help="both tasks' epochs (default: params.yaml's)")
     parser.add_argument("--no-other-machine", action="store_true", help="skip the ISA run")
@@ -137,19 +195,37 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="medimg-robustness-") as tmp:
         root = args.keep or Path(tmp) / "project"
         root.mkdir(parents=True, exist_ok=True)
-        scratch_project(root, edit)
-        t0 = time.perf_counter()
-        for command in ("synth", "ingest", "preprocess"):
-            run(root, str(BIN / "medimg"), command)
-        print(f"# cohort made and preprocessed in {(time.perf_counter() - t0) / 60:.1f} min")
+        _cohort(root, edit)
         runs = []
-        for seed in range(args.seeds):
+        for seed in args.seeds:
             runs.append(_run_seed(root, seed, f"seed{seed}", PROJECT_ENV))
             print(f"# seed {seed}: {runs[-1]['seconds'] / 60:.1f} min", flush=True)
         other = None
         if not args.no_other_machine:
-            other = _run_seed(root, 0, "seed0-other-isa", {**PROJECT_ENV, **OTHER_MACHINE})
+            env = {**PROJECT_ENV, **OTHER_MACHINE}
+            other = _run_seed(root, runs[0]["seed"], f"seed{runs[0]['seed']}-other-isa", env)
         print(report(runs, other))
+
+
+def _cohort(root: Path, edit: Any) -> None:
+    """The project copy with the cohort made and preprocessed, reused when its params and
+    code are those of an earlier run in the same folder (``root/cohort.json``)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    edit(params)
+    sections = {k: params[k] for k in ("synth", "structures", "ingest", "preprocess", "split")}
+    inputs = _inputs(REPO, ("synth", "ingest", "preprocess"), sections, PROJECT_ENV)
+    marker = root / "cohort.json"
+    reuse = marker.is_file() and json.loads(marker.read_text())["inputs"] == inputs
+    scratch_project(root, edit, exclude=("/runs/", "/cohort.json"))  # this checkout's code
+    if reuse:
+        print("# cohort reused (made earlier with the same params and code)", flush=True)
+        return
+    marker.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    for command in ("synth", "ingest", "preprocess"):
+        run(root, str(BIN / "medimg"), command)
+    marker.write_text(json.dumps({"inputs": inputs}))
+    print(f"# cohort made and preprocessed in {(time.perf_counter() - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":

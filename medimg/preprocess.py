@@ -7,9 +7,12 @@ of :mod:`medimg.transforms` once per volume and writes, under ``data/processed``
 - ``manifest.parquet``: one row per volume with its split;
 - ``splits.json``: patient-level folds and test set;
 - ``qc.json``: data checks (no leakage, labels, balance per split, spacing, intensity
-  ranges, image-mask alignment). A failed hard check stops the stage.
+  ranges, image-mask alignment). A failed hard check stops the stage. Also the runtime
+  the stage computed with (reproducible mode, the kernels' instruction set, threads).
 
-Outputs are pure functions of inputs and params: running twice gives identical bytes.
+Outputs are pure functions of inputs and params: running twice gives identical bytes; in
+reproducible mode (``train.reproducible``, pinned by :func:`medimg.stages.pin_runtime`) on
+any x86-64 CPU with AVX2.
 """
 
 from __future__ import annotations
@@ -90,8 +93,10 @@ def preprocess(
     interim: Path,
     out: Path,
     progress: Progress | None = None,
+    runtime: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run the stage; see the module docstring. Returns the QC summary.
+    """Run the stage; see the module docstring. Returns the QC summary (``runtime``: what
+    the process computes with, recorded in it: the pinning, kernels and threads).
 
     Raises:
         DataError: no usable volume, or a failed data check.
@@ -121,6 +126,8 @@ def preprocess(
         qc = data_checks(table, splits, cfg, classes)
         qc["dropped"] = dropped
         qc["splits"] = summary
+        if runtime is not None:
+            qc["runtime"] = runtime
         atomic_write_text(stage / "qc.json", json.dumps(qc, indent=1, sort_keys=True))
         failed = [n for n, c in qc["checks"].items() if not c["passed"] and c.get("hard", True)]
         for name, check in qc["checks"].items():

@@ -79,12 +79,25 @@ def ingest_params(params: Params, root: Path = Path(".")) -> IngestParams:
     return cfg
 
 
+def pin_runtime(params: Params) -> dict[str, str]:
+    """Reproducible mode (``train.reproducible``) for a stage that computes with PyTorch,
+    before its first tensor operation: the instruction sets, threads and algorithms pinned
+    (:func:`medimg.runtime.pin_reproducible`). Not only training needs it: resampling a mask
+    with nearest neighbour rounds coordinates that land on a half voxel one way or the
+    other depending on the CPU's kernels. Returns what the process runs with."""
+    from medimg import runtime
+
+    t = params.train
+    return runtime.pin_reproducible(t.threads) if t.reproducible else runtime.environment(False)
+
+
 def preprocess(
     params: Params, root: Path = Path("."), progress: Progress | None = None
 ) -> dict[str, Any]:
     """Ingested volumes to cached, training-ready data and patient-level splits."""
     from medimg.preprocess import preprocess as run
 
+    env = pin_runtime(params)
     d = params.data
     return run(
         params.preprocess,
@@ -92,6 +105,7 @@ def preprocess(
         project_path(root, d.interim),
         project_path(root, d.processed),
         progress,
+        runtime={k: env[k] for k in ("reproducible", "cpu_capability", "threads")},
     )
 
 
@@ -314,6 +328,7 @@ def predict(
     from medimg.predict import load_predictor
     from medimg.predict import predict as run
 
+    pin_runtime(params)
     cfg = params.predict
     client = tracking.configure(params, root)
     predictor = load_predictor(model_uri or cfg.model, client, cfg.device)

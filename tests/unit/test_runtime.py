@@ -6,6 +6,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 from medimg.errors import ConfigError
 from medimg.runtime import distributed, resolve_device, seed_everything
 from medimg.versions import PACKAGES, environment_versions
+from tests.helpers import Processed
 
 
 def test_device_auto_and_a_missing_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,6 +98,85 @@ def test_pinned_runs_agree_across_machines_and_unpinned_ones_do_not() -> None:
     assert len({d for d, _ in free.values()}) == 2  # and so do their numbers, unpinned
     assert [c for _, c in pinned.values()] == ["AVX2", "AVX2"]
     assert len({d for d, _ in pinned.values()}) == 1  # pinned: the same bits
+
+
+MASK_RESAMPLING = """
+import hashlib, sys
+from pathlib import Path
+import nibabel as nib, numpy as np
+from medimg import stages
+from medimg.config import Params, PreprocessParams
+if sys.argv[1] == "pin":
+    stages.pin_runtime(Params())  # what medimg preprocess and medimg predict call first
+import torch
+from medimg.transforms import preprocessing_transforms
+rng, folder, digests = np.random.default_rng(0), Path(sys.argv[2]), []
+for deg in (0.0, 12.0, 25.0):  # axial and oblique, 5.3 x 5.3 x 4 mm to the 6 mm grid
+    t = np.deg2rad(deg)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+    affine[:3, :3] *= (5.3, 5.3, 4.0)
+    affine[:3, 3] = (-100.3, -90.1, 20.0)
+    image = rng.uniform(0, 200, (64, 64, 40)).astype(np.int16)
+    mask = (rng.random((64, 64, 40)) > 0.5).astype(np.uint8)
+    nib.save(nib.Nifti1Image(image, affine), folder / f"image{deg}.nii.gz")
+    nib.save(nib.Nifti1Image(mask, affine), folder / f"mask{deg}.nii.gz")
+    item = {"image": str(folder / f"image{deg}.nii.gz"), "label": str(folder / f"mask{deg}.nii.gz")}
+    out = preprocessing_transforms("CT", PreprocessParams(), True)(item)
+    digests.append(hashlib.sha256(np.asarray(out["label"]).tobytes()).hexdigest()[:16])
+print("-".join(digests), torch.backends.cpu.get_cpu_capability())
+"""
+
+
+def _resample_masks(mode: str, machine: dict[str, str], folder: Path) -> tuple[str, str]:
+    import os
+
+    folder.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
+    env.update(machine)
+    out = subprocess.run(
+        [sys.executable, "-c", MASK_RESAMPLING, mode, str(folder)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    digest, capability = out.stdout.split()[-2:]
+    return digest, capability
+
+
+def test_mask_resampling_depends_on_the_kernels_unless_pinned(tmp_path: Path) -> None:
+    """Preprocessing, not only training, needs the pinning: a mask resampled with nearest
+    neighbour (medimg's chain, 5.3 x 5.3 x 4 mm to 6 mm) rounds voxels whose source
+    coordinate lands on a half voxel one way or the other with PyTorch's scalar kernels
+    and its AVX2 ones. Pinned, as ``medimg preprocess`` and ``medimg predict`` are in
+    reproducible mode, both machines give the same masks."""
+    free = {n: _resample_masks("free", m, tmp_path / f"free {n}") for n, m in MACHINES.items()}
+    pinned = {n: _resample_masks("pin", m, tmp_path / f"pin {n}") for n, m in MACHINES.items()}
+    assert [c for _, c in free.values()] == ["DEFAULT", "AVX2"]
+    assert len({d for d, _ in free.values()}) == 2
+    assert [c for _, c in pinned.values()] == ["AVX2", "AVX2"]
+    assert len({d for d, _ in pinned.values()}) == 1
+
+
+def test_preprocess_records_the_pinned_runtime(tiny_processed: Processed, tmp_path: Path) -> None:
+    """``medimg preprocess`` started as on a machine without vector kernels still computes
+    with AVX2 ones in reproducible mode, and its qc.json says so."""
+    import os
+
+    import yaml
+
+    params = tiny_processed.params.model_dump(mode="json")
+    params["data"]["processed"] = str(tmp_path / "processed")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
+    medimg = Path(sys.executable).parent / "medimg"
+    command = [str(medimg), "preprocess", "--params", str(tmp_path / "params.yaml")]
+    subprocess.run(command, env=env, cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    qc = json.loads((tmp_path / "processed" / "qc.json").read_text())
+    assert qc["runtime"] == {"reproducible": "true", "cpu_capability": "AVX2", "threads": "2"}
+    assert tiny_processed.qc["runtime"]["reproducible"] == "true"
 
 
 def test_deterministic_mode_is_set_without_loading_inductor() -> None:
