@@ -21,17 +21,17 @@ def test_repo_params_file_is_valid_and_matches_defaults() -> None:
     loaded = load_params(REPO / "params.yaml")
     demo = {
         "synth": {"n_patients": 120, "positive_fraction": 0.66,
-                  "lesion_kinds": ["cyst", "solid"], "labels": "kind",
+                  "lesion_kinds": ["cyst", "solid"], "labels": "kind", "lesion_radius_mm": (25.0, 35.0),
                   "lesion_contrast_hu": 90.0, "seg_fraction": 0.33, "rtstruct_fraction": 0.33},
         "augment": {"flip_prob": 0.0},
         "split": {"n_folds": 3},
         "train": {"folds": [0, 1, 2],
                   "classify": {"classes": ["none", "cyst", "solid"], "arch": "resnet10",
-                               "pooling": "max", "pretrained": "none", "lr": 0.001, "width": 32,
+                               "pooling": "max", "pretrained": "none", "lr": 0.001, "width": 16,
                                "freeze_encoder_epochs": 0, "head_lr_mult": 1.0, "epochs": 40},
                   "segment": {"nsd_tolerance_mm": 6.0, "epochs": 30, "arch": "resnet10",
-                              "width": 32, "val_every": 2,
-                              "decoder_channels": [64, 32, 16, 16, 8]}},
+                              "width": 16, "val_every": 5,
+                              "decoder_channels": [32, 16, 16, 8, 8]}},
         "structures": [s.model_dump(mode="json") for s in loaded.structures],
     }  # fmt: skip
     assert [s.name for s in loaded.structures] == ["body", "lung", "liver", "spine", "lesion"]
