@@ -330,8 +330,11 @@ class Trainer:
         self.writer.save(payload, self.out_dir / CHECKPOINT, live, crc32=False)
         for cb in callbacks:
             cb(e)
-        val = f", val loss {e.val_loss:.4f}, val {self.task.val_metric_title} {e.val_metric:.4f}"
-        shown = val if math.isfinite(e.val_loss) else ""  # not validated (val_every)
+        shown = (  # nothing for an epoch that was not validated (val_every)
+            f", val loss {e.val_loss:.4f}, val {self.task.val_metric_title} {e.val_metric:.4f}"
+            if math.isfinite(e.val_loss)
+            else ""
+        )
         log.info("%s epoch %d: train loss %.4f%s%s", self.task.name, e.epoch, e.train_loss,
                  shown, " (best)" if e.best else "")  # fmt: skip
 

@@ -17,15 +17,12 @@ def encoder_name(arch: str, width: int = STANDARD_WIDTH) -> str:
     """The FlexibleUNet backbone of ``arch`` with ``width`` channels in its first stage:
     MONAI's own encoder at the standard width, else one registered here
     (:func:`register_encoder`), e.g. ``resnet10-w32``."""
-    if width == STANDARD_WIDTH:
-        return arch
-    register_encoder(arch, width)
-    return f"{arch}-w{width}"
+    return arch if width == STANDARD_WIDTH else register_encoder(arch, width)
 
 
-def register_encoder(arch: str, width: int) -> None:
+def register_encoder(arch: str, width: int) -> str:
     """Register with FlexibleUNet a ResNet encoder of ``arch`` whose stages have ``width``,
-    2x, 4x and 8x channels (the standard ResNet: 64). Its modules are named as MONAI's
+    2x, 4x and 8x channels (the standard ResNet: 64), once; returns its backbone name. Its modules are named as MONAI's
     ResNetFeatures names them (conv1, bn1, layer1-4), so medimg checkpoints of the same
     width load into it, and it down-samples exactly as MONAI's encoder does.
     """
@@ -35,7 +32,7 @@ def register_encoder(arch: str, width: int) -> None:
 
     name = f"{arch}-w{width}"
     if name in FLEXUNET_BACKBONE.register_dict:
-        return
+        return name
     block, layers, shortcut, bias_downsample, _ = resnet_params[arch]
     planes = [width * 2**i for i in range(4)]
     grow = 4 if block == "bottleneck" else 1  # bottleneck blocks widen their output 4x
@@ -77,6 +74,7 @@ def register_encoder(arch: str, width: int) -> None:
 
     NarrowResNetEncoder.__qualname__ = NarrowResNetEncoder.__name__ = f"ResNetEncoderW{width}"
     FLEXUNET_BACKBONE.register_class(NarrowResNetEncoder)
+    return name
 
 
 def build_segmenter(cfg: TaskTrainParams, in_channels: int = 1, outputs: int = 2) -> nn.Module:
