@@ -82,7 +82,7 @@ class TrainConfig:
             fold=t.fold,
             reproducible=t.reproducible,
             threads=t.threads,
-            resolved=params.model_dump(mode="json"),
+            resolved=params.model_dump_for_model(),
         )
 
 

@@ -8,7 +8,7 @@ and wrong values fail with a message naming the key and the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -278,6 +278,19 @@ class Params(StrictModel):
                     f'"all" lists every fold'
                 )
         return self
+
+    # What a model is made of: the sections saved with its weights (config.json, model.pt)
+    # and read back at prediction. Where runs are logged, registered, scheduled or sent
+    # (tracking, registry, orchestration, predict, and sections added for deployment) is
+    # not part of a model: editing them must not change a model's bytes.
+    MODEL_SECTIONS: ClassVar[tuple[str, ...]] = (
+        "data", "synth", "ingest", "preprocess", "split", "loader", "augment", "train",
+        "structures",
+    )  # fmt: skip
+
+    def model_dump_for_model(self) -> dict[str, Any]:
+        """The sections of :data:`MODEL_SECTIONS`, as JSON values."""
+        return self.model_dump(mode="json", include=set(self.MODEL_SECTIONS))
 
     def cv_folds(self) -> list[int] | None:
         """The folds of a cross-validation (``train.folds``), in order; None for one model."""

@@ -21,8 +21,9 @@ def test_repo_params_file_is_valid_and_matches_defaults() -> None:
     loaded = load_params(REPO / "params.yaml")
     demo = {
         "synth": {"n_patients": 120, "positive_fraction": 0.66,
-                  "lesion_kinds": ["cyst", "solid"], "labels": "kind", "lesion_radius_mm": (25.0, 35.0),
-                  "lesion_contrast_hu": 90.0, "seg_fraction": 0.33, "rtstruct_fraction": 0.33},
+                  "lesion_kinds": ["cyst", "solid"], "labels": "kind",
+                  "lesion_radius_mm": (25.0, 35.0), "lesion_contrast_hu": 90.0,
+                  "seg_fraction": 0.33, "rtstruct_fraction": 0.33},
         "augment": {"flip_prob": 0.0},
         "split": {"n_folds": 3},
         "train": {"folds": [0, 1, 2],
@@ -103,3 +104,17 @@ def test_a_partial_task_section_keeps_that_tasks_defaults() -> None:
     # a TaskTrainParams object built in code is taken as it is, generic defaults included
     built = TrainParams(classify=TaskTrainParams(arch="resnet10")).classify
     assert (built.arch, built.pretrained, built.epochs) == ("resnet10", "none", 15)
+
+
+def test_a_model_holds_its_own_sections_only() -> None:
+    """What is saved with a model's weights: where runs are logged, registered, scheduled
+    or sent is not part of it, so editing those sections leaves a model's bytes alone."""
+    params = Params()
+    saved = params.model_dump_for_model()
+    assert set(saved) == set(Params.MODEL_SECTIONS)
+    assert {"tracking", "registry", "orchestration", "predict"} & set(saved) == set()
+    elsewhere = params.model_copy(
+        update={"tracking": params.tracking.model_copy(update={"uri": "http://host:5000"})}
+    )
+    assert elsewhere.model_dump_for_model() == saved
+    assert Params.model_validate(saved) == params  # the rest are defaults when read back
