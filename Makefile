@@ -83,13 +83,17 @@ test: $(STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Debian packages the suite drives, as command:package pairs (a package's command may be
-# named otherwise): Chromium for the UI tests, dciodvfy (dicom3tools) for the DICOM IOD
-# checks. Installed with apt-get (as root, or through sudo when it asks no password);
-# otherwise make stops at once and names the one command to run.
-SYSTEM_PACKAGES := chromium:chromium dciodvfy:dicom3tools
+# named otherwise; a path instead of a command is checked as a file): Chromium for the UI
+# tests, dciodvfy (dicom3tools) for the DICOM IOD checks, Orthanc and its DICOMweb plugin
+# as the PACS of tests/integration/test_pacs.py. Installed with apt-get (as root, or
+# through sudo when it asks no password); otherwise make stops at once and names the one
+# command to run.
+SYSTEM_PACKAGES := chromium:chromium dciodvfy:dicom3tools /usr/sbin/Orthanc:orthanc \
+	/usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
 system-packages:
 	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
-	    command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	    case $${pair%%:*} in /*) test -e $${pair%%:*} ;; *) command -v $${pair%%:*} >/dev/null ;; esac \
+	        || missing="$$missing $${pair#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
 	    elif sudo -n true 2>/dev/null; then sudo="sudo"; \

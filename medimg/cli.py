@@ -7,24 +7,19 @@ Heavy libraries (torch, monai, mlflow, prefect) are imported inside the commands
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
 
-if TYPE_CHECKING:
-    from medimg.config import Params
-    from medimg.typing import Progress
+from medimg.cli_base import PARAMS_OPTION, _load, _progress, _user_errors
+from medimg.cli_pacs import pacs_app
 
 app = typer.Typer(
     help="medimg: DICOM CT/MR to validated, registered models, reproducibly.",
     no_args_is_help=True,
     add_completion=False,
 )
-
-PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameter file.")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -36,51 +31,6 @@ def _setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
         force=True,
     )
-
-
-def _load(params_file: Path) -> Params:
-    from medimg.config import Params, load_params
-    from medimg.errors import MedImgError
-
-    if params_file == Path("params.yaml") and not params_file.exists():
-        logging.getLogger(__name__).info("no params.yaml here: using the defaults")
-        return Params()
-    try:
-        return load_params(params_file)
-    except MedImgError as e:
-        typer.secho(str(e), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from e
-
-
-@contextmanager
-def _progress(description: str) -> Iterator[Progress]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=False,
-    ) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """A medimg error ends the command with its message (it names file and fix), exit 1."""
-    from medimg.errors import MedImgError
-
-    try:
-        yield
-    except MedImgError as e:
-        typer.secho(str(e), fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from e
 
 
 @app.callback()
@@ -383,6 +333,9 @@ def prefect_server(
         "PREFECT_UI_URL": base,
     }
     os.execve(prefect, [prefect, "server", "start", "--host", host, "--port", str(port)], env)
+
+
+app.add_typer(pacs_app, name="pacs")
 
 
 def main() -> None:

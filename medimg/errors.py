@@ -25,3 +25,8 @@ class DataError(MedImgError):
 
 class TrackingError(MedImgError):
     """The MLflow store or registry refused or could not be reached after retries."""
+
+
+class PacsError(MedImgError):
+    """A PACS could not be reached, refused medimg or failed a transfer: the message names
+    the server (address and AE title), never a credential or a patient."""

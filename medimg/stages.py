@@ -340,3 +340,24 @@ def predict(
         project_path(root, output_dir or cfg.output),
         progress,
     )
+
+
+def pacs_keys(params: Params, root: Path = Path(".")) -> Any:
+    """The keyed hash that names pulled and received files (ingest's salt)."""
+    from medimg.dicom.deid import Pseudonymizer, load_or_create_salt
+
+    return Pseudonymizer(load_or_create_salt(ingest_params(params, root).salt_file))
+
+
+def pacs_pull(
+    params: Params,
+    query: Any,
+    out: Path | None = None,
+    root: Path = Path("."),
+    progress: Progress | None = None,
+) -> Any:
+    """The studies of ``query`` from ``params.pacs`` into ``out`` (default ``data.raw``)."""
+    from medimg.pacs.pull import pull
+
+    target = project_path(root, out or params.data.raw)
+    return pull(params.pacs, query, target, pacs_keys(params, root), progress)

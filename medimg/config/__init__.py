@@ -30,6 +30,7 @@ from medimg.config.data import (
     SynthParams,
     Triple,
 )
+from medimg.config.pacs import ListenParams, PacsParams
 from medimg.config.structures import (
     LESION,
     CodeParams,
@@ -42,9 +43,9 @@ from medimg.errors import ConfigError
 
 __all__ = [  # the sections and types defined beside this file, importable from here
     "LESION", "CodeParams", "DataParams", "Fraction", "IngestParams", "IntRange",
-    "IntTriple", "Orientation", "PreprocessParams", "Range", "SplitParams", "StackChoice",
-    "StacksParams", "StrictModel", "StructureParams", "SynthParams", "Triple",
-    "structure_key",
+    "IntTriple", "ListenParams", "Orientation", "PacsParams", "PreprocessParams", "Range",
+    "SplitParams", "StackChoice", "StacksParams", "StrictModel", "StructureParams",
+    "SynthParams", "Triple", "structure_key",
 ]  # fmt: skip
 
 
@@ -257,6 +258,7 @@ class Params(StrictModel):
     registry: RegistryParams = RegistryParams()
     orchestration: OrchestrationParams = OrchestrationParams()
     predict: PredictParams = PredictParams()
+    pacs: PacsParams = PacsParams()
     # Segmentation targets, in label-map order: structure i has value i + 1 in every mask.
     # Where structures overlap the later one wins, so list containers (body, organs)
     # before what lies inside them (lesions): docs/training.md, "Several structures".

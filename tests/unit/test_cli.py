@@ -26,6 +26,7 @@ COMMANDS = [
     "predict",
     "ui",
     "prefect-server",
+    "pacs",
 ]
 
 

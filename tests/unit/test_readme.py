@@ -166,15 +166,20 @@ def cli_commands() -> dict[str, set[str]]:
 
     from medimg.cli import app
 
+    def options(command: Any) -> set[str]:
+        return {"--help"} | {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+
     group: Any = get_command(app)
-    return {
-        name: {"--help"} | {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
-        for name, command in group.commands.items()
-    }
+    found = {}
+    for name, command in group.commands.items():
+        found[name] = options(command)
+        for sub, inner in getattr(command, "commands", {}).items():  # `medimg pacs pull`
+            found[f"{name} {sub}"] = options(inner)
+    return found
 
 
-def named_cli_calls(markdown: str) -> list[tuple[str, list[str]]]:
-    """(subcommand, its --options) for every ``medimg ...`` call."""
+def named_cli_calls(markdown: str) -> list[tuple[str, list[str], list[str]]]:
+    """(subcommand, its --options, the words after it) for every ``medimg ...`` call."""
     calls = []
     for words in _commands(markdown):
         for rest in _after(words, "medimg"):
@@ -182,13 +187,16 @@ def named_cli_calls(markdown: str) -> list[tuple[str, list[str]]]:
             if args and not args[0].startswith("<"):  # `medimg <stage>`: any command
                 i = rest.index(args[0])
                 options = [w.split("=")[0] for w in rest[i + 1 :] if w.startswith("--")]
-                calls.append((args[0], options))
+                calls.append((args[0], options, rest[i + 1 :]))
     return calls
 
 
 def unknown_cli_calls(markdown: str, commands: dict[str, set[str]]) -> list[str]:
     unknown = []
-    for name, options in named_cli_calls(markdown):
+    for name, options, words in named_cli_calls(markdown):
+        later = [w for w in words if not w.startswith("-")]
+        if later and f"{name} {later[0]}" in commands:  # a command of a group
+            name = f"{name} {later[0]}"
         if name not in commands:
             unknown.append(f"medimg {name}")
         else:

@@ -1,0 +1,112 @@
+"""A real PACS for the tests: Debian's Orthanc with its DICOMweb plugin, on loopback.
+
+Started on free ports with HTTP authentication, our AE title registered as a modality
+(so Orthanc answers its C-FIND, C-GET and C-MOVE and can send to its storage node), and
+nothing listening beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+USER, PASSWORD = "medimg", "orthanc-test-secret"
+AE_TITLE = "ORTHANCTEST"
+OURS = "MEDIMG"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Orthanc:
+    http_port: int
+    dicom_port: int
+    listen_port: int  # where Orthanc sends C-MOVEs and stores to our AE title
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def rest(self, method: str, path: str, **kwargs: object) -> requests.Response:
+        response = requests.request(
+            method, f"{self.url}{path}", auth=(USER, PASSWORD), timeout=30, **kwargs
+        )
+        response.raise_for_status()
+        return response
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def orthanc_binary() -> str:
+    found = shutil.which("Orthanc") or (
+        "/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None
+    )
+    if found is None or not PLUGIN.is_file():
+        pytest.fail(
+            "Orthanc and its DICOMweb plugin are needed: run `make system-packages` "
+            "(apt-get install orthanc orthanc-dicomweb)"
+        )
+    return found
+
+
+def start_orthanc(root: Path) -> Orthanc:
+    binary = orthanc_binary()
+    http, dicom, listen = free_port(), free_port(), free_port()
+    (root / "db").mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": "medimg-test",
+        "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "db"),
+        "HttpPort": http,
+        "DicomPort": dicom,
+        "DicomAet": AE_TITLE,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {USER: PASSWORD},
+        "DicomCheckCalledAet": True,
+        "DicomModalities": {"medimg": {"AET": OURS, "Host": "127.0.0.1", "Port": listen}},
+        "Plugins": [str(PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "StableAge": 1,
+        "HttpsVerifyPeers": False,
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = root / "orthanc.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([binary, str(root / "orthanc.json")], stdout=out, stderr=out)
+    server = Orthanc(http, dicom, listen, process, log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"Orthanc exited at start:\n{log.read_text()[-3000:]}")
+        try:
+            server.rest("GET", "/system")
+            return server
+        except requests.RequestException:
+            time.sleep(0.3)
+    server.stop()
+    pytest.fail(f"Orthanc did not answer within 60 s:\n{log.read_text()[-3000:]}")

@@ -1,0 +1,253 @@
+"""medimg pacs against a real PACS: Debian's Orthanc with its DICOMweb plugin, started on
+loopback (tests/integration/orthanc.py). The tiny synthetic cohort goes in with a plain
+storescu (pynetdicom's); pulls by either protocol must give back the same datasets,
+incrementally; listening receives from storescu and from Orthanc's C-MOVE; results pushed
+back are found again by QIDO-RS and by C-FIND. Faults are caused for real: a server that
+is down, a wrong password, a wrong AE title, an interrupted pull."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from medimg.config import ListenParams, PacsParams
+from medimg.dicom.deid import Pseudonymizer
+from medimg.errors import PacsError
+from medimg.pacs.client import connect
+from medimg.pacs.listen import COMPLETE, StorageNode, complete_studies
+from medimg.pacs.pull import pull
+from medimg.pacs.push import push
+from medimg.pacs.query import Query
+from tests.helpers import TINY_SYNTH, Cohort, write_cohort
+from tests.integration.orthanc import (
+    AE_TITLE,
+    OURS,
+    PASSWORD,
+    USER,
+    Orthanc,
+    free_port,
+    start_orthanc,
+)
+
+KEYS = Pseudonymizer(b"pacs-test-key")
+
+
+def storescu(port: int, paths: list[Path], called: str, calling: str = "STORESCU") -> None:
+    """pynetdicom's storescu application: a plain sender, not medimg's code."""
+    for path in paths:
+        command = [sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1", str(port),
+                   str(path), "-r", "-aec", called, "-aet", calling]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Cohort:
+    # with annotations as DICOM SEG and RTSTRUCT too, in the PACS beside the images
+    synth = TINY_SYNTH.model_copy(update={"seg_fraction": 0.5, "rtstruct_fraction": 0.25})
+    return write_cohort(tmp_path_factory.mktemp("pacs-cohort"), synth)
+
+
+@pytest.fixture(scope="module")
+def orthanc(cohort: Cohort, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        storescu(server.dicom_port, [cohort.raw, cohort.masks], AE_TITLE)
+        yield server
+    finally:
+        server.stop()
+
+
+def originals(cohort: Cohort) -> dict[str, pydicom.Dataset]:
+    found = {}
+    for f in [*cohort.raw.rglob("*"), *cohort.masks.rglob("*.dcm")]:
+        if f.is_file():
+            ds = pydicom.dcmread(f)
+            found[str(ds.SOPInstanceUID)] = ds
+    return found
+
+
+def pacs_params(server: Orthanc, tmp: Path, **changes: object) -> PacsParams:
+    netrc = tmp / "pacs.netrc"
+    netrc.write_text(f"machine 127.0.0.1 login {USER} password {PASSWORD}\n")
+    netrc.chmod(0o600)
+    base = PacsParams(
+        url=server.dicomweb, port=server.dicom_port, called_ae=AE_TITLE, calling_ae=OURS,
+        credentials=netrc, retries=0, retry_wait_s=0.0, timeout_s=20.0,
+        listen=ListenParams(ae_title=OURS, port=server.listen_port, quiet_s=1.0),
+    )  # fmt: skip
+    return base.model_copy(update=changes)
+
+
+def pulled(folder: Path) -> dict[str, pydicom.Dataset]:
+    return {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, folder.rglob("*.dcm"))}
+
+
+@pytest.mark.parametrize(
+    "protocol, retrieve", [("dicomweb", "get"), ("dimse", "get"), ("dimse", "move")]
+)
+def test_pull_gives_back_the_originals_and_then_only_what_is_new(
+    orthanc: Orthanc, cohort: Cohort, tmp_path: Path, protocol: str, retrieve: str
+) -> None:
+    cfg = pacs_params(orthanc, tmp_path, protocol=protocol, retrieve=retrieve)
+    out = tmp_path / "raw"
+    summary = pull(cfg, Query(), out, KEYS)
+    want = originals(cohort)
+    got = pulled(out)
+    assert summary.failed == [] and len(summary.studies) == len(
+        {d.StudyInstanceUID for d in want.values()}
+    )
+    assert got.keys() == want.keys()
+    for uid, ds in got.items():  # the same dataset; the file meta is each writer's own
+        assert ds == want[uid], uid
+    names = [p.relative_to(out) for p in out.rglob("*.dcm")]
+    assert all(len(n.parts) == 2 and len(n.stem) == 16 for n in names)  # keys, no UIDs
+    again = pull(cfg, Query(), out, KEYS)
+    assert again.as_dict()["instances_fetched"] == 0
+    assert again.as_dict()["instances_present"] == len(want)
+
+
+def test_a_query_narrows_the_studies(orthanc: Orthanc, cohort: Cohort, tmp_path: Path) -> None:
+    want = originals(cohort)
+    mr = {d.StudyInstanceUID for d in want.values() if d.Modality == "MR"}
+    assert 0 < len(mr) < len({d.StudyInstanceUID for d in want.values()})
+    for protocol in ("dicomweb", "dimse"):
+        cfg = pacs_params(orthanc, tmp_path, protocol=protocol)
+        assert connect(cfg).find_studies(Query(modality="MR")) == sorted(mr)
+
+
+def test_an_interrupted_pull_resumes(orthanc: Orthanc, cohort: Cohort, tmp_path: Path) -> None:
+    cfg = pacs_params(orthanc, tmp_path, protocol="dimse")
+    out = tmp_path / "raw"
+    pull(cfg, Query(), out, KEYS)
+    files = sorted(out.rglob("*.dcm"))
+    for f in files[::3]:
+        f.unlink()
+    leftover = files[1].parent / f".{files[1].name}.abc123.tmp"  # a write cut short
+    leftover.write_bytes(b"DICM half")
+    summary = pull(cfg, Query(), out, KEYS).as_dict()
+    assert summary["instances_fetched"] == len(files[::3])
+    assert not leftover.exists()
+    assert sorted(out.rglob("*.dcm")) == files
+
+
+def test_a_server_that_is_down_names_itself_and_writes_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    for protocol in ("dicomweb", "dimse"):
+        cfg = PacsParams(protocol=protocol, url=f"http://127.0.0.1:{port}/dicom-web", port=port,
+                         credentials=tmp_path / "none", timeout_s=5.0)  # fmt: skip
+        with pytest.raises(PacsError, match=f"127.0.0.1:{port}.*cannot be reached"):
+            pull(cfg, Query(), tmp_path / "raw", KEYS)
+        assert not (tmp_path / "raw").exists()
+
+
+def test_a_wrong_password_is_refused_and_not_shown(
+    orthanc: Orthanc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MEDIMG_PACS_USER", USER)
+    monkeypatch.setenv("MEDIMG_PACS_PASSWORD", "not-the-password")
+    cfg = pacs_params(orthanc, tmp_path)
+    with pytest.raises(PacsError, match="refused the credentials") as e:
+        pull(cfg, Query(), tmp_path / "raw", KEYS)
+    assert "not-the-password" not in str(e.value) and orthanc.dicomweb in str(e.value)
+
+
+def test_a_wrong_ae_title_is_rejected(orthanc: Orthanc, tmp_path: Path) -> None:
+    cfg = pacs_params(orthanc, tmp_path, protocol="dimse", called_ae="NOTORTHANC")
+    with pytest.raises(
+        PacsError,
+        match=r"NOTORTHANC at 127\.0\.0\.1:\d+ (rejected|aborted) the association",
+    ):
+        pull(cfg, Query(), tmp_path / "raw", KEYS)
+
+
+def test_the_node_receives_from_storescu_and_from_orthanc(
+    orthanc: Orthanc, cohort: Cohort, tmp_path: Path
+) -> None:
+    want = originals(cohort)
+    study = sorted({str(d.StudyInstanceUID) for d in want.values()})[0]
+    files = [
+        f
+        for f in cohort.raw.rglob("*")
+        if f.is_file()
+        and str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) == study
+    ]
+    listen = ListenParams(ae_title=OURS, port=orthanc.listen_port, quiet_s=1.0)
+    inbox = tmp_path / "inbox"
+    node = StorageNode(listen, inbox, KEYS)
+    node.start()
+    try:
+        storescu(orthanc.listen_port, [files[0].parent], OURS)
+        folder = inbox / KEYS.key("study", study)
+        deadline = time.monotonic() + 10
+        while not (folder / COMPLETE).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert complete_studies(inbox) == [folder]
+        got = pulled(inbox)
+        assert got.keys() == {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+        # Orthanc sends the whole study (C-STORE as the C-MOVE's sub-operations would)
+        other = sorted({str(d.StudyInstanceUID) for d in want.values()})[1]
+        ids = orthanc.rest("POST", "/tools/lookup", data=other).json()
+        orthanc.rest(
+            "POST",
+            "/modalities/medimg/store",
+            json={"Resources": [ids[0]["ID"]], "Synchronous": True},
+        )
+        expected = {u for u, d in want.items() if d.StudyInstanceUID == other}
+        assert {u for u, d in pulled(inbox / KEYS.key("study", other)).items()} == expected
+    finally:
+        node.stop()
+
+
+def test_a_caller_not_allowed_is_refused(orthanc: Orthanc, cohort: Cohort, tmp_path: Path) -> None:
+    listen = ListenParams(ae_title=OURS, port=free_port(), allowed_callers=("PACS",), quiet_s=1.0)
+    node = StorageNode(listen, tmp_path / "inbox", KEYS)
+    node.start()
+    try:
+        first = next(p for p in sorted(cohort.raw.rglob("*")) if p.is_file())
+        command = [sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1",
+                   str(listen.port), str(first), "-aec", OURS, "-aet", "STRANGER"]  # fmt: skip
+        subprocess.run(command, capture_output=True, timeout=60)
+        assert node.received == 0 and not list((tmp_path / "inbox").rglob("*.dcm"))
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
+def test_results_pushed_back_are_found_in_the_pacs(
+    orthanc: Orthanc, cohort: Cohort, tmp_path: Path, protocol: str
+) -> None:
+    seg = next(f for f in cohort.masks.rglob("*.dcm") if pydicom.dcmread(f).Modality == "SEG")
+    ds = pydicom.dcmread(seg)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    result = tmp_path / "seg.dcm"
+    ds.save_as(result, enforce_file_format=True)
+    cfg = pacs_params(orthanc, tmp_path, protocol=protocol)
+    delivery = push(cfg, [result])
+    assert delivery.delivered and delivery.files == 1
+    for way in ("dicomweb", "dimse"):
+        refs = connect(pacs_params(orthanc, tmp_path, protocol=way)).instances(
+            str(ds.StudyInstanceUID)
+        )
+        assert str(ds.SOPInstanceUID) in {r.sop_uid for r in refs}
+
+
+@pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
+def test_a_push_that_fails_keeps_the_files(cohort: Cohort, tmp_path: Path, protocol: str) -> None:
+    port = free_port()  # nothing listens there
+    seg = next(f for f in cohort.masks.rglob("*.dcm") if pydicom.dcmread(f).Modality == "SEG")
+    result = tmp_path / "seg.dcm"
+    result.write_bytes(seg.read_bytes())
+    url = f"http://127.0.0.1:{port}/dicom-web"
+    cfg = PacsParams(protocol=protocol, url=url, port=port, retries=1, retry_wait_s=0.0,
+                     timeout_s=5.0, credentials=tmp_path / "none")  # fmt: skip
+    delivery = push(cfg, [result])
+    assert not delivery.delivered and "cannot be reached" in delivery.error
+    assert result.read_bytes() == seg.read_bytes()
