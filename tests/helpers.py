@@ -429,8 +429,11 @@ def dicom_problems(path: Path) -> list[str]:
     iod = get_sop_class_iod_map()[str(ds.SOPClassUID)]
     for module in get_iod_module_map()[iod]:
         # highdicom's check takes each functional group macro as required in the shared
-        # item, where the standard allows it per frame instead: dciodvfy checks those
-        if module["usage"] == "M" and not module["key"].endswith("functional-groups"):
+        # item, where the standard allows it per frame instead; and the SR content tree's
+        # conditional (1C) references as required of every item (ReferencedSOPSequence
+        # only belongs to IMAGE and COMPOSITE items): dciodvfy checks both
+        skip = module["key"].endswith("functional-groups") or module["key"] == "sr-document-content"
+        if module["usage"] == "M" and not skip:
             try:
                 check_required_attributes(ds, module["key"])
             except AttributeError as e:

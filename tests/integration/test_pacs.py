@@ -15,12 +15,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from medimg.config import ListenParams, PacsParams
 from medimg.dicom.deid import Pseudonymizer
+from medimg.dicom.sr import build_diagnosis_sr, read_diagnosis, write_diagnosis_sr
 from medimg.errors import PacsError
 from medimg.pacs.client import connect
 from medimg.pacs.listen import COMPLETE, StorageNode, complete_studies
+from medimg.pacs.local import Layout
 from medimg.pacs.pull import pull
 from medimg.pacs.push import push
 from medimg.pacs.query import Query
@@ -223,20 +226,38 @@ def test_a_caller_not_allowed_is_refused(orthanc: Orthanc, cohort: Cohort, tmp_p
 def test_results_pushed_back_are_found_in_the_pacs(
     orthanc: Orthanc, cohort: Cohort, tmp_path: Path, protocol: str
 ) -> None:
-    seg = next(f for f in cohort.masks.rglob("*.dcm") if pydicom.dcmread(f).Modality == "SEG")
-    ds = pydicom.dcmread(seg)
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
-    result = tmp_path / "seg.dcm"
-    ds.save_as(result, enforce_file_format=True)
-    cfg = pacs_params(orthanc, tmp_path, protocol=protocol)
-    delivery = push(cfg, [result])
-    assert delivery.delivered and delivery.files == 1
+    """A SEG and the classifier's SR, sent by one protocol, found by both (QIDO-RS and
+    C-FIND), and retrieved back as they were sent."""
+    seg = pydicom.dcmread(
+        next(f for f in cohort.masks.rglob("*.dcm") if pydicom.dcmread(f).Modality == "SEG")
+    )
+    seg.SOPInstanceUID = seg.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    seg.SeriesInstanceUID = generate_uid()
+    series = [d for d in originals(cohort).values() if d.Modality in ("CT", "MR")]
+    series = [d for d in series if d.SeriesInstanceUID == series[0].SeriesInstanceUID]
+    version = f"{protocol}-1"  # one SR per test run: UIDs derive from model and version
+    sr = build_diagnosis_sr(series, {"none": 0.2, "cyst": 0.5, "solid": 0.3}, "cyst", "m", version)
+    files = [tmp_path / "seg.dcm", tmp_path / "sr.dcm"]
+    seg.save_as(files[0], enforce_file_format=True)
+    write_diagnosis_sr(sr, files[1])
+    delivery = push(pacs_params(orthanc, tmp_path, protocol=protocol), files)
+    assert delivery.delivered and delivery.files == 2
     for way in ("dicomweb", "dimse"):
-        refs = connect(pacs_params(orthanc, tmp_path, protocol=way)).instances(
-            str(ds.StudyInstanceUID)
-        )
-        assert str(ds.SOPInstanceUID) in {r.sop_uid for r in refs}
+        client = connect(pacs_params(orthanc, tmp_path, protocol=way))
+        for sent in (seg, sr):
+            refs = client.instances(str(sent.StudyInstanceUID))
+            assert str(sent.SOPInstanceUID) in {r.sop_uid for r in refs}
+    back = tmp_path / "back"
+    pull(pacs_params(orthanc, tmp_path), Query(study_uids=(str(sr.StudyInstanceUID),)), back, KEYS)
+    found = pulled(back)
+    for sent, file in zip((seg, sr), files, strict=True):
+        assert found[str(sent.SOPInstanceUID)] == pydicom.dcmread(file)
+    assert (
+        read_diagnosis(Layout(back, KEYS).path(str(sr.StudyInstanceUID), str(sr.SOPInstanceUID)))[
+            "predicted"
+        ]
+        == "cyst"
+    )
 
 
 @pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
