@@ -120,7 +120,8 @@ def read_diagnosis(path: Path) -> dict[str, Any]:
     import highdicom as hd
 
     sr = hd.sr.srread(path)
-    groups = sr.content.get_image_measurement_groups()
+    report: Any = sr.content  # a MeasurementReport for a TID 1500 document
+    groups = report.get_image_measurement_groups()
     group = groups[0] if groups else None
     out: dict[str, Any] = {"probabilities": {}, "volumes_ml": {}, "predicted": None}
     if group is None:
