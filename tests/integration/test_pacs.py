@@ -272,3 +272,45 @@ def test_a_push_that_fails_keeps_the_files(cohort: Cohort, tmp_path: Path, proto
     delivery = push(cfg, [result])
     assert not delivery.delivered and "cannot be reached" in delivery.error
     assert result.read_bytes() == seg.read_bytes()
+
+
+def test_the_prefect_flow_pulls_one_task_per_study(
+    orthanc: Orthanc, cohort: Cohort, tmp_path: Path, prefect_server: None
+) -> None:
+    """The flow of the pull: MR studies by a query file, one task per study named by its
+    key; the patient ID of the query stays out of the flow run's parameters."""
+    from prefect.client.orchestration import get_client
+
+    from medimg.config import DataParams, IngestParams, Params
+    from pipelines.pacs import pacs_pull_flow
+
+    want = originals(cohort)
+    mr = {str(d.StudyInstanceUID) for d in want.values() if d.Modality == "MR"}
+    patient = next(str(d.PatientID) for d in want.values() if d.Modality == "MR")
+    query = tmp_path / "query.yaml"
+    query.write_text(f"modality: MR\npatient_id: '{patient}'\n")
+    salt = tmp_path / "salt"
+    salt.write_text("pacs-flow-test-salt")
+    salt.chmod(0o600)
+    params = Params(
+        data=DataParams(raw=tmp_path / "raw"),
+        ingest=IngestParams(salt_file=salt),
+        pacs=pacs_params(orthanc, tmp_path, protocol="dicomweb"),
+    )
+    summary = pacs_pull_flow(params, query, tmp_path)
+    mine = {str(d.StudyInstanceUID) for d in want.values() if str(d.PatientID) == patient} & mr
+    assert summary["studies"] == len(mine) > 0 and summary["failed"] == {}
+    assert summary["instances_fetched"] == sum(
+        1 for d in want.values() if str(d.StudyInstanceUID) in mine
+    )
+
+    async def runs() -> list:
+        async with get_client() as client:
+            flows = await client.read_flow_runs()
+            return [
+                r for r in flows if r.name and r.flow_id and str(r.parameters).find(patient) >= 0
+            ]
+
+    import asyncio
+
+    assert asyncio.run(runs()) == []  # no flow run holds the patient ID
