@@ -56,3 +56,38 @@ def test_project_copies_leave_the_reference_out(tmp_path: Path) -> None:
     left = [p for p in tmp_path.rglob("*") if str(p.relative_to(tmp_path)).startswith(REFERENCE)]
     assert left == []
     assert any(name.startswith(REFERENCE) for name in _tracked())  # there was one to leave
+
+
+def _lookup(params: dict, dotted: str) -> object:
+    value: object = params
+    for part in dotted.split("."):
+        value = value[part]  # type: ignore[index]
+    return value
+
+
+def test_the_reference_was_computed_with_this_code_and_these_params() -> None:
+    """The committed dvc.lock matches the repository: every code dependency it records has
+    the md5 of the file as committed, and every parameter the value params.yaml gives it.
+    So a stage's code or params cannot change without the reference being made again
+    (`make demo` in a fresh clone); otherwise a reproduction reruns and differs."""
+    import hashlib
+
+    tracked = _tracked()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    stale = []
+    for name, entry in lock.items():
+        for dep in entry.get("deps", []):
+            if dep["path"] in tracked:  # code; data deps are the pipeline's own outputs
+                md5 = hashlib.md5((REPO / dep["path"]).read_bytes()).hexdigest()
+                if md5 != dep["md5"]:
+                    stale.append(f"{name}: {dep['path']}")
+        recorded = (entry.get("params") or {}).get("params.yaml", {})
+        for key, value in recorded.items():
+            if _lookup(params, key) != value:
+                stale.append(f"{name}: params {key}")
+        stage = stages[name.split("@")[0]]
+        declared = (stage.get("do") or stage).get("params", [])
+        stale += [f"{name}: new param {k}" for k in declared if k not in recorded]
+    assert stale == [], "dvc.lock is stale; make the reference again: " + ", ".join(stale)
