@@ -314,3 +314,57 @@ def test_the_prefect_flow_pulls_one_task_per_study(
     import asyncio
 
     assert asyncio.run(runs()) == []  # no flow run holds the patient ID
+
+
+def _send_c_store_pdus(port: int, ds: pydicom.Dataset, fraction: float) -> None:
+    """Send the first ``fraction`` of a C-STORE request's PDUs on a new association, then
+    abort it: a sender that dies mid-instance (pynetdicom's own message encoder)."""
+    import io
+
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title=OURS)
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID, request.Priority = 1, 2
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    request.DataSet = io.BytesIO(encode(ds, False, True))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    context = assoc.accepted_contexts[0].context_id
+    pdus = list(message.encode_msg(context, assoc.acceptor.maximum_length))
+    assert len(pdus) > 10  # the instance spans many PDUs
+    for pdu in pdus[: int(len(pdus) * fraction)]:
+        assoc.dul.send_pdu(pdu)
+    time.sleep(0.5)
+    assoc.abort()
+
+
+def test_a_sender_that_drops_mid_instance_leaves_nothing(cohort: Cohort, tmp_path: Path) -> None:
+    import numpy as np
+
+    first = next(p for p in sorted(cohort.raw.rglob("*")) if p.is_file())
+    ds = pydicom.dcmread(first)
+    ds.Rows = ds.Columns = 512  # about 0.5 MB of pixels: many PDUs
+    ds.PixelData = np.zeros((512, 512), np.int16).tobytes()
+    listen = ListenParams(ae_title=OURS, port=free_port(), quiet_s=0.5)
+    inbox = tmp_path / "inbox"
+    node = StorageNode(listen, inbox, KEYS)
+    node.start()
+    try:
+        _send_c_store_pdus(listen.port, ds, 0.5)
+        time.sleep(1.0)
+        assert node.received == 0 and [p for p in inbox.rglob("*") if p.is_file()] == []
+        _send_c_store_pdus(listen.port, ds, 1.0)  # the whole instance, then the abort
+        deadline = time.monotonic() + 10
+        while node.received == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert node.received == 1 and pulled(inbox).keys() == {str(ds.SOPInstanceUID)}
+    finally:
+        node.stop()
