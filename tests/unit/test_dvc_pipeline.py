@@ -15,6 +15,7 @@ PLUMBING = {
     "medimg/config/base.py",
     "medimg/config/data.py",
     "medimg/config/structures.py",
+    "medimg/config/pacs.py",
     "medimg/errors.py",
     "medimg/io.py",
     "medimg/tracking/__init__.py",
