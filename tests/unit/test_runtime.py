@@ -72,13 +72,15 @@ MACHINES = {
 }
 
 
-def _train_steps(mode: str, machine: dict[str, str]) -> tuple[str, str]:
+def _as_machine(script: str, machine: dict[str, str], *args: str) -> tuple[str, str]:
+    """Run ``script`` in a process whose libraries see ``machine``; it prints a digest of
+    its numbers and the CPU capability PyTorch ran, the two returned."""
     import os
 
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
     env.update(machine)
     out = subprocess.run(
-        [sys.executable, "-c", TRAIN_STEPS, mode],
+        [sys.executable, "-c", script, *args],
         env=env,
         capture_output=True,
         text=True,
@@ -92,8 +94,8 @@ def _train_steps(mode: str, machine: dict[str, str]) -> tuple[str, str]:
 def test_pinned_runs_agree_across_machines_and_unpinned_ones_do_not() -> None:
     """Three training steps in two processes that differ as two machines do (ISA level
     and thread count): bit-identical weights in reproducible mode, different without."""
-    free = {name: _train_steps("free", m) for name, m in MACHINES.items()}
-    pinned = {name: _train_steps("pin", m) for name, m in MACHINES.items()}
+    free = {name: _as_machine(TRAIN_STEPS, m, "free") for name, m in MACHINES.items()}
+    pinned = {name: _as_machine(TRAIN_STEPS, m, "pin") for name, m in MACHINES.items()}
     assert [c for _, c in free.values()] == ["DEFAULT", "AVX2"]  # the machines differ
     assert len({d for d, _ in free.values()}) == 2  # and so do their numbers, unpinned
     assert [c for _, c in pinned.values()] == ["AVX2", "AVX2"]
@@ -129,21 +131,8 @@ print("-".join(digests), torch.backends.cpu.get_cpu_capability())
 
 
 def _resample_masks(mode: str, machine: dict[str, str], folder: Path) -> tuple[str, str]:
-    import os
-
     folder.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
-    env.update(machine)
-    out = subprocess.run(
-        [sys.executable, "-c", MASK_RESAMPLING, mode, str(folder)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
-    digest, capability = out.stdout.split()[-2:]
-    return digest, capability
+    return _as_machine(MASK_RESAMPLING, machine, mode, str(folder))
 
 
 def test_mask_resampling_depends_on_the_kernels_unless_pinned(tmp_path: Path) -> None:
