@@ -20,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from medimg import stages
 from medimg.config import Params, load_params
 from medimg.errors import ConfigError
-from medimg.pacs.client import Pacs, connect
+from medimg.pacs.client import Pacs, opened
 from medimg.pacs.local import Layout
 from medimg.pacs.pull import PullSummary, StudyResult, pull_study
 from medimg.pacs.query import Query
@@ -60,15 +60,15 @@ def pacs_pull_flow(params: Params, query_file: Path, root: Path = Path(".")) -> 
     """The studies of the query file from ``params.pacs`` into ``data.raw``."""
     logger = get_run_logger()
     cfg = params.pacs
-    pacs = connect(cfg)
-    try:
+    with opened(cfg) as pacs:
         layout = Layout(root / params.data.raw, stages.pacs_keys(params, root))
         studies = find_task(pacs, read_query(query_file))
         retried = study_task.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_wait_s)
         futures = [retried.submit(pacs, layout, uid, layout.study_key(uid)) for uid in studies]
         summary = PullSummary(server=pacs.server)
         for uid, future in zip(studies, futures, strict=True):
-            state = future.wait() or future.state
+            future.wait()
+            state = future.state
             if state.is_completed():
                 summary.studies.append(future.result())
             else:
@@ -76,8 +76,6 @@ def pacs_pull_flow(params: Params, query_file: Path, root: Path = Path(".")) -> 
                 summary.studies.append(StudyResult(key=key, error=str(state.message or "failed")))
         logger.info("pulled %s", summary.as_dict())
         return summary.as_dict()
-    finally:
-        pacs.close()
 
 
 def run(

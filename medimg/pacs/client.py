@@ -7,15 +7,22 @@ becomes a :class:`~medimg.errors.PacsError` that names the server and the way ou
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from medimg.config import PacsParams
+from medimg.errors import PacsError
 from medimg.pacs.query import Query
 from medimg.pacs.refs import InstanceRef, Writer
 
-__all__ = ["InstanceRef", "Pacs", "Writer", "connect"]
+__all__ = ["InstanceRef", "Pacs", "Writer", "connect", "opened", "retried"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Pacs(Protocol):
@@ -52,3 +59,32 @@ def connect(cfg: PacsParams) -> Pacs:
     from medimg.pacs.dimse import DimsePacs
 
     return DimsePacs(cfg)
+
+
+@contextmanager
+def opened(cfg: PacsParams, pacs: Pacs | None = None) -> Iterator[Pacs]:
+    """``pacs`` as given (its owner closes it), or a client of ``cfg`` closed after use."""
+    if pacs is not None:
+        yield pacs
+        return
+    own = connect(cfg)
+    try:
+        yield own
+    finally:
+        own.close()
+
+
+def retried(cfg: PacsParams, attempt: Callable[[], T], label: str = "") -> tuple[T | None, str]:
+    """``attempt`` up to 1 + ``cfg.retries`` times, ``cfg.retry_wait_s`` apart, while it
+    raises :class:`PacsError`: (its result, "") or (None, the last error). ``label``
+    starts the warning logged before each retry (a study key, never an identifier)."""
+    error = ""
+    for n in range(cfg.retries + 1):
+        try:
+            return attempt(), ""
+        except PacsError as e:
+            error = str(e)
+            if n < cfg.retries:
+                log.warning("%s%s; retry %d of %d", label, error, n + 1, cfg.retries)
+                time.sleep(cfg.retry_wait_s)
+    return None, error

@@ -38,7 +38,6 @@ class DicomWebPacs:
         self._session = session
         self.client = DICOMwebClient(url=cfg.url, session=session)
         self.client.set_http_retry_params(retry=False)  # medimg retries whole studies
-        self._timeout = cfg.timeout_s
         session.request = _with_timeout(session.request, cfg.timeout_s)  # type: ignore[method-assign]
 
     @contextmanager

@@ -9,7 +9,6 @@ others go on when one fails, and the summary says which failed (by study key).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 from medimg.config import PacsParams
 from medimg.dicom.deid import Pseudonymizer
 from medimg.errors import PacsError
-from medimg.pacs.client import Pacs, connect
+from medimg.pacs.client import Pacs, opened, retried
 from medimg.pacs.local import Layout
 from medimg.pacs.query import Query
 from medimg.typing import Progress
@@ -76,15 +75,9 @@ def pull_study(pacs: Pacs, layout: Layout, study_uid: str) -> StudyResult:
 
 def with_retries(cfg: PacsParams, key: str, attempt: Callable[[], StudyResult]) -> StudyResult:
     """``attempt`` up to 1 + ``cfg.retries`` times; the last error goes in the result."""
-    error = ""
-    for n in range(cfg.retries + 1):
-        try:
-            return attempt()
-        except PacsError as e:
-            error = str(e)
-            if n < cfg.retries:
-                log.warning("study %s: %s; retry %d of %d", key, error, n + 1, cfg.retries)
-                time.sleep(cfg.retry_wait_s)
+    result, error = retried(cfg, attempt, f"study {key}: ")
+    if result is not None:
+        return result
     log.error("study %s not pulled: %s", key, error)
     return StudyResult(key=key, error=error)
 
@@ -103,13 +96,8 @@ def pull(
     Raises:
         PacsError: the query itself failed (nothing was written then).
     """
-    own = pacs is None
-    pacs = pacs or connect(cfg)
-    try:
-        return _pull(cfg, pacs, query, Layout(out, keys), progress)
-    finally:
-        if own:
-            pacs.close()
+    with opened(cfg, pacs) as client:
+        return _pull(cfg, client, query, Layout(out, keys), progress)
 
 
 def _pull(

@@ -4,14 +4,12 @@ that still fails leaves the files where they are and says so, so nothing is lost
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from medimg.config import PacsParams
-from medimg.errors import PacsError
-from medimg.pacs.client import Pacs, connect
+from medimg.pacs.client import Pacs, opened, retried
 
 log = logging.getLogger(__name__)
 
@@ -26,26 +24,15 @@ class Delivery:
 
 def push(cfg: PacsParams, files: Sequence[Path], pacs: Pacs | None = None) -> Delivery:
     """Send ``files`` (all at once: a study's results arrive together or not at all)."""
-    own = pacs is None
-    pacs = pacs or connect(cfg)
-    try:
-        return _push(cfg, files, pacs)
-    finally:
-        if own:
-            pacs.close()
+    with opened(cfg, pacs) as client:
 
+        def send() -> bool:
+            client.store(files)
+            return True
 
-def _push(cfg: PacsParams, files: Sequence[Path], pacs: Pacs) -> Delivery:
-    error = ""
-    for n in range(cfg.retries + 1):
-        try:
-            pacs.store(files)
-            log.info("%d result objects delivered to %s", len(files), pacs.server)
-            return Delivery(True, len(files), pacs.server)
-        except PacsError as e:
-            error = str(e)
-            if n < cfg.retries:
-                log.warning("%s; retry %d of %d", error, n + 1, cfg.retries)
-                time.sleep(cfg.retry_wait_s)
-    log.error("not delivered, kept on disk: %s", error)
-    return Delivery(False, len(files), pacs.server, error)
+        delivered, error = retried(cfg, send)
+        if delivered:
+            log.info("%d result objects delivered to %s", len(files), client.server)
+            return Delivery(True, len(files), client.server)
+        log.error("not delivered, kept on disk: %s", error)
+        return Delivery(False, len(files), client.server, error)
