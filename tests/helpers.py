@@ -24,6 +24,15 @@ from medimg.config import DataParams, Params, SynthParams, TaskTrainParams, Trai
 # --- tools -----------------------------------------------------------------------------
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the servers tests start)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def tool_path(name: str) -> str:
     """A command-line tool from this environment's bin folder, else from PATH.
 

@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.helpers import free_port
 
 _log = logging.getLogger(__name__)
 
@@ -51,12 +52,6 @@ def mlflow_executable() -> str:
     if not path.exists():
         raise MlflowServerError(f"{path} not found: install medimg into this environment")
     return str(path)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _tail(path: Path, n_chars: int = 4000) -> str:
@@ -100,7 +95,7 @@ def start_mlflow_server(workdir: Path, port: int | None = None) -> Iterator[str]
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    port = port or _free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
         mlflow_executable(),

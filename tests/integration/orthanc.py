@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -18,16 +17,12 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.helpers import free_port
+
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 USER, PASSWORD = "medimg", "orthanc-test-secret"
 AE_TITLE = "ORTHANCTEST"
 OURS = "MEDIMG"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -30,14 +30,13 @@ from medimg.pacs.local import Layout
 from medimg.pacs.pull import pull
 from medimg.pacs.push import push
 from medimg.pacs.query import Query
-from tests.helpers import TINY_SYNTH, Cohort, write_cohort
+from tests.helpers import TINY_SYNTH, Cohort, free_port, write_cohort
 from tests.integration.orthanc import (
     AE_TITLE,
     OURS,
     PASSWORD,
     USER,
     Orthanc,
-    free_port,
     start_orthanc,
 )
 

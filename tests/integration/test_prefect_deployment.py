@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.helpers import tool_path
+from tests.helpers import free_port, tool_path
 from tests.integration.browser import headless_chromium, new_page, screenshot
 from tests.integration.project import DvcProject
 
@@ -34,12 +33,6 @@ if TYPE_CHECKING:
     from playwright.sync_api import Page
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -68,7 +61,7 @@ def _process(args: list[str], log: Path, **kwargs: object) -> Iterator[subproces
 def prefect_server(workdir: Path) -> Iterator[int]:
     """``medimg prefect-server`` (``make prefect-server``) with its UI, on a free loopback
     port: not Prefect's default 4200, where its UI works without our help. Yields the port."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(workdir),

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -23,15 +22,9 @@ import pytest
 import yaml
 
 from medimg.config import Params
-from tests.helpers import tool_path
+from tests.helpers import free_port, tool_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -92,7 +85,7 @@ def _listening(pid: int) -> set[tuple[str, int]]:
 def test_server_listens_on_loopback_only(tmp_path: Path, command: str, health: str) -> None:
     # the MLflow UI reads the project's store from params.yaml in its working folder
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(Params().model_dump(mode="json")))
-    port = _free_port()
+    port = free_port()
     args = [tool_path("medimg"), command, "--port", str(port)]
     with _server(args, tmp_path, f"http://127.0.0.1:{port}{health}") as proc:
         sockets = _listening(proc.pid)
@@ -119,7 +112,7 @@ def test_a_wider_address_is_a_choice_and_warns(capsys: pytest.CaptureFixture[str
 def test_the_prefect_ui_asks_the_api_it_is_served_with(tmp_path: Path, external: str) -> None:
     """On a port other than Prefect's default (or behind a proxy), the UI's settings name
     the API of this server, not the default port's: otherwise its pages stay empty."""
-    port = _free_port()
+    port = free_port()
     args = [tool_path("medimg"), "prefect-server", "--port", str(port)]
     if external:
         args += ["--external-url", external]
