@@ -17,9 +17,10 @@ For every series in the folder:
 5. **write** under ``output/<key>/``: ``mask.nii.gz`` (the label map on the series' grid:
    each channel's probability resampled, then the most probable label), ``seg.dcm``
    (DICOM SEG, one segment per structure with its name and codes, frames matched to
-   source instances by position) and ``montage.png``; then ``predictions.csv`` (with a
-   probability per class, the predicted class, or a volume per structure) and
-   ``report.html`` for the folder.
+   source instances by position), for a classifier ``sr.dcm`` (DICOM SR, TID 1500: the
+   predicted class and each class's probability, :mod:`medimg.dicom.sr`), and
+   ``montage.png``; then ``predictions.csv`` (a probability per class and the predicted
+   class, or a volume per structure) and ``report.html`` for the folder.
 
 De-identification (``predict.deid``):
 
@@ -222,6 +223,7 @@ def predict_series(
         spec = _spec(predictor)
         if not spec.with_masks:
             diagnosis(res, result, spec.labels, predictor.threshold)
+            _write_sr(sources, predictor, folder / "sr.dcm", res)
         else:
             model_affine = np.asarray(image.affine, dtype=np.float64)
             mask = label_map(spec, result, model_affine, volume.shape, affine, res)
@@ -273,6 +275,27 @@ def _write_seg(
         res.outputs["seg"] = f"{res.key}/seg.dcm"
     except DicomError as e:
         res.reason = f"no DICOM SEG: {e}"
+        log.warning("series %s: %s", res.key, res.reason)
+
+
+def _write_sr(sources: list[Path], predictor: Predictor, path: Path, res: SeriesResult) -> None:
+    """The diagnosis as a DICOM SR (TID 1500) referencing the series' instances; a series
+    it cannot be made for keeps its other outputs, with the reason in the report."""
+    from medimg.dicom.seg import read_sources
+    from medimg.dicom.sr import build_diagnosis_sr, write_diagnosis_sr
+
+    name = predictor.name if predictor.name != predictor.uri else "medimg-model"
+    probs = {n: res.extra[f"probability_{n}"] for n in _spec(predictor).labels}
+    try:
+        if not sources:
+            raise DicomError("no source images to reference")
+        sr = build_diagnosis_sr(
+            read_sources(sources), probs, str(res.predicted), name, str(predictor.version)
+        )
+        write_diagnosis_sr(sr, path)
+        res.outputs["sr"] = f"{res.key}/sr.dcm"
+    except (DicomError, ValueError) as e:
+        res.reason = f"no DICOM SR: {e}"
         log.warning("series %s: %s", res.key, res.reason)
 
 

@@ -16,8 +16,10 @@ from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from medimg import stages, tracking
-from medimg.config import IngestParams, Params, PredictParams, load_params
+from medimg.config import IngestParams, PacsParams, Params, PredictParams, load_params
+from medimg.inbox import InboxRecord, ready_studies
 from medimg.io import project_path
+from medimg.pacs.push import Delivery
 from medimg.predict import (
     Inbox,
     Predictor,
@@ -103,43 +105,70 @@ def predict_flow(
     return summary
 
 
-def inbox_fingerprint(folder: Path) -> str:
-    """A digest of the inbox's file names, sizes and modification times (names may hold
-    PHI: only the digest is stored)."""
-    import hashlib
+@task(name="push-results", task_run_name="push-{key}", cache_policy=NONE, tags=["pacs"])
+def push_task(pacs: PacsParams, files: list[Path], key: str) -> Delivery:
+    """A study's SEG and SR objects to the PACS (retried inside; never raises for it)."""
+    from medimg.pacs.push import push
 
-    h = hashlib.sha256()
-    if folder.is_dir():
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            st = path.stat()
-            h.update(f"{path.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+    return push(pacs, files)
+
+
+def result_files(folder: Path) -> list[Path]:
+    """The DICOM results of one study's prediction: every series' SEG and SR."""
+    return sorted([*folder.glob("*/seg.dcm"), *folder.glob("*/sr.dcm")])
 
 
 @flow(name="predict-inbox", log_prints=False)
 def predict_inbox_flow(params_file: str = "params.yaml", root: str = ".") -> dict[str, Any]:
-    """The ``predict`` flow on ``orchestration.inbox`` into ``predict.output`` with
-    ``predict.model``, when the inbox changed since the last run that completed (the
-    scheduled deployment ``predict-inbox`` runs this); otherwise nothing is redone."""
-    from medimg.io import atomic_write_text
-
+    """The ``predict`` flow on each new complete study folder of ``orchestration.inbox``
+    (:func:`medimg.inbox.ready_studies`), into ``predict.output/<study key>/`` with
+    ``predict.model``; the scheduled deployment ``predict-inbox`` runs this. What it has
+    done is kept in ``predict.output/processed.json`` (and ``index.html``): a study is
+    predicted again only when its files change. With ``predict.push`` each study's SEG and
+    SR go to the PACS; one that the PACS did not take is sent again on the next run."""
     logger = get_run_logger()
     project = Path(root).resolve()
     pfile = Path(params_file) if Path(params_file).is_absolute() else project / params_file
     params = load_params(pfile)
     inbox = project_path(project, params.orchestration.inbox)
     out = project_path(project, params.predict.output)
-    state = out / ".inbox-state"
-    digest = inbox_fingerprint(inbox)
-    if not inbox.is_dir() or not any(p.is_file() for p in inbox.rglob("*")):
-        logger.info("the inbox %s is empty or missing: nothing to predict", inbox)
-        return {"skipped": "empty inbox"}
-    if state.is_file() and state.read_text().strip() == digest:
-        logger.info("the inbox is unchanged since the last run: results are in %s", out)
-        return {"skipped": "unchanged inbox"}
-    summary = predict_flow(params, inbox, out, root=project)
-    atomic_write_text(state, digest + "\n")
-    return summary
+    keys = stages.pacs_keys(params, project)
+    studies, waiting = ready_studies(inbox, keys, params.orchestration.inbox_quiet_s)
+    record = InboxRecord(out / "processed.json")
+    new = [s for s in studies if record.is_new(s)]
+    logger.info(
+        "inbox: %d new complete studies, %d done before, %d still arriving",
+        len(new),
+        len(studies) - len(new),
+        waiting,
+    )
+    done: dict[str, Any] = {}
+    for study in new:
+        summary = predict_flow.with_options(flow_run_name=f"predict-{study.key}")(
+            params, study.folder, out / study.key, root=project
+        )
+        entry = {
+            "fingerprint": study.fingerprint,
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "delivered": None,
+            **{k: summary[k] for k in ("n_series", "n_predicted", "n_rejected", "n_failed")},
+        }
+        record.put(study.key, entry)
+        done[study.key] = entry
+    for key in record.undelivered() if params.predict.push else []:
+        done.setdefault(key, record.studies[key])  # sent again: the PACS did not take it
+    for key, entry in done.items() if params.predict.push else []:
+        files = result_files(out / key)
+        if not files:  # every series rejected or failed: nothing to send
+            continue
+        sent = push_task(params.pacs, files, key)
+        entry.update(delivered=sent.delivered, error=sent.error, n_objects=len(files))
+        record.put(key, entry)
+    return {
+        "studies": {k: {n: v for n, v in e.items() if n != "fingerprint"} for k, e in done.items()},
+        "unchanged": len(studies) - len(new),
+        "waiting": waiting,
+    }
 
 
 def run(

@@ -217,6 +217,8 @@ class OrchestrationParams(StrictModel):
     retrain_cron: str = "0 2 * * *"  # nightly-retrain: dvc repro, register, promote
     inbox: Path = Path("data/inbox")  # predict-inbox watches this folder of new studies
     inbox_interval_s: int = Field(300, ge=10)  # how often predict-inbox runs
+    inbox_quiet_s: float = Field(120.0, ge=0)  # a study folder without the storage node's
+    # COMPLETE marker is taken once no file in it has changed for this long
     work_pool: str = "medimg"  # the work pool deployments are sent to (`prefect worker`)
     fold_workers: int = Field(1, ge=1)  # folds of a cross-validation trained at once by the
     # pipeline flow, each in a process of its own (one per GPU; 1 on a small CPU machine)
@@ -236,10 +238,18 @@ class PredictParams(StrictModel):
     montage_slices: int = Field(12, ge=1)  # slices shown in each PNG montage
     montage_columns: int = Field(4, ge=1)  # montage tiles per row
     montage_window_hu: Range = (-160.0, 240.0)  # CT display window of the montage, HU
+    push: bool = False  # send each study's SEG and SR to the PACS (``pacs``) after
+    # prediction; needs deid: pacs (the results must name the patient to be filed)
 
     @model_validator(mode="after")
     def _check(self) -> PredictParams:
         ordered(self.montage_window_hu, "predict.montage_window_hu")
+        if self.push and self.deid != "pacs":
+            raise ValueError(
+                "predict.push sends results to the hospital's PACS, where they must be "
+                "filed with the patient's own study: set predict.deid: pacs too (a "
+                "de-identified SEG would create a pseudonymous patient there)"
+            )
         return self
 
 

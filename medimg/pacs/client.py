@@ -19,7 +19,7 @@ from medimg.errors import PacsError
 from medimg.pacs.query import Query
 from medimg.pacs.refs import InstanceRef, Writer
 
-__all__ = ["InstanceRef", "Pacs", "Writer", "connect", "opened", "retried"]
+__all__ = ["InstanceRef", "Pacs", "Writer", "connect", "describe", "opened", "retried"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,6 +48,13 @@ class Pacs(Protocol):
     def close(self) -> None:
         """Release what the client holds (a storage node for C-MOVE)."""
         ...
+
+
+def describe(cfg: PacsParams) -> str:
+    """The PACS as messages name it (a client's ``server``): address and AE title only."""
+    if cfg.protocol == "dicomweb":
+        return f"DICOMweb server {cfg.url}"
+    return f"DICOM node {cfg.called_ae} at {cfg.host}:{cfg.port}"
 
 
 def connect(cfg: PacsParams) -> Pacs:

@@ -14,6 +14,7 @@ from dicomweb_client.api import DICOMwebClient
 
 from medimg.config import PacsParams
 from medimg.errors import PacsError
+from medimg.pacs.client import describe
 from medimg.pacs.credentials import credentials_for, host_of
 from medimg.pacs.query import Query
 from medimg.pacs.refs import InstanceRef, Writer
@@ -29,7 +30,7 @@ def _value(item: dict[str, Any], tag: str) -> str:
 class DicomWebPacs:
     def __init__(self, cfg: PacsParams) -> None:
         self.cfg = cfg
-        self.server = f"DICOMweb server {cfg.url}"
+        self.server = describe(cfg)
         session = requests.Session()
         creds = credentials_for(host_of(cfg.url), cfg.credentials)
         if creds is not None:

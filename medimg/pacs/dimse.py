@@ -28,6 +28,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from medimg.config import PacsParams
 from medimg.errors import PacsError
+from medimg.pacs.client import describe
 from medimg.pacs.query import Query
 from medimg.pacs.refs import InstanceRef, Writer
 
@@ -54,7 +55,7 @@ def store_event_bytes(event: Any) -> bytes:
 class DimsePacs:
     def __init__(self, cfg: PacsParams) -> None:
         self.cfg = cfg
-        self.server = f"DICOM node {cfg.called_ae} at {cfg.host}:{cfg.port}"
+        self.server = describe(cfg)
         self._lock = threading.Lock()
         self._server: Any = None  # the C-MOVE destination, started when first needed
         self._routes: dict[str, tuple[Writer, list[int]]] = {}

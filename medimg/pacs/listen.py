@@ -23,11 +23,11 @@ from medimg.dicom.deid import Pseudonymizer
 from medimg.errors import PacsError
 from medimg.io import atomic_write_text
 from medimg.pacs.dimse import STORAGE_CLASSES, store_event_bytes
-from medimg.pacs.local import Layout
+from medimg.pacs.local import COMPLETE, Layout
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"  # marker file of a study that has gone quiet
+__all__ = ["COMPLETE", "StorageNode", "complete_studies"]
 
 
 class StorageNode:

@@ -10,6 +10,7 @@ from medimg.dicom.deid import Pseudonymizer
 from medimg.io import atomic_write_bytes, remove_temporaries
 
 SUFFIX = ".dcm"
+COMPLETE = "COMPLETE"  # marker file of a study the storage node has seen go quiet
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medimg.config import PacsParams
-from medimg.pacs.client import Pacs, opened, retried
+from medimg.errors import PacsError
+from medimg.pacs.client import Pacs, describe, opened, retried
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +24,21 @@ class Delivery:
 
 
 def push(cfg: PacsParams, files: Sequence[Path], pacs: Pacs | None = None) -> Delivery:
-    """Send ``files`` (all at once: a study's results arrive together or not at all)."""
-    with opened(cfg, pacs) as client:
+    """Send ``files`` (all at once: a study's results arrive together or not at all).
+    Never raises for the PACS: a client that cannot even be made is an undelivered push."""
+    try:
+        with opened(cfg, pacs) as client:
 
-        def send() -> bool:
-            client.store(files)
-            return True
+            def send() -> bool:
+                client.store(files)
+                return True
 
-        delivered, error = retried(cfg, send)
-        if delivered:
-            log.info("%d result objects delivered to %s", len(files), client.server)
-            return Delivery(True, len(files), client.server)
-        log.error("not delivered, kept on disk: %s", error)
-        return Delivery(False, len(files), client.server, error)
+            delivered, error = retried(cfg, send)
+            server = client.server
+    except PacsError as e:
+        delivered, error, server = None, str(e), describe(cfg)
+    if delivered:
+        log.info("%d result objects delivered to %s", len(files), server)
+        return Delivery(True, len(files), server)
+    log.error("not delivered, kept on disk: %s", error)
+    return Delivery(False, len(files), server, error)

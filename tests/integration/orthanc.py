@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from medimg.config import ListenParams, PacsParams
 from tests.helpers import free_port
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -105,3 +107,24 @@ def start_orthanc(root: Path) -> Orthanc:
             time.sleep(0.3)
     server.stop()
     pytest.fail(f"Orthanc did not answer within 60 s:\n{log.read_text()[-3000:]}")
+
+
+def storescu(port: int, paths: list[Path], called: str, calling: str = "STORESCU") -> None:
+    """pynetdicom's storescu application: a plain sender, not medimg's code."""
+    for path in paths:
+        command = [sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1", str(port),
+                   str(path), "-r", "-aec", called, "-aet", calling]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
+def pacs_params(server: Orthanc, tmp: Path, **changes: object) -> PacsParams:
+    netrc = tmp / "pacs.netrc"
+    netrc.write_text(f"machine 127.0.0.1 login {USER} password {PASSWORD}\n")
+    netrc.chmod(0o600)
+    base = PacsParams(
+        url=server.dicomweb, port=server.dicom_port, called_ae=AE_TITLE, calling_ae=OURS,
+        credentials=netrc, retries=0, retry_wait_s=0.0, timeout_s=20.0,
+        listen=ListenParams(ae_title=OURS, port=server.listen_port, quiet_s=1.0),
+    )  # fmt: skip
+    return base.model_copy(update=changes)

@@ -34,22 +34,14 @@ from tests.helpers import TINY_SYNTH, Cohort, free_port, write_cohort
 from tests.integration.orthanc import (
     AE_TITLE,
     OURS,
-    PASSWORD,
     USER,
     Orthanc,
+    pacs_params,
     start_orthanc,
+    storescu,
 )
 
 KEYS = Pseudonymizer(b"pacs-test-key")
-
-
-def storescu(port: int, paths: list[Path], called: str, calling: str = "STORESCU") -> None:
-    """pynetdicom's storescu application: a plain sender, not medimg's code."""
-    for path in paths:
-        command = [sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1", str(port),
-                   str(path), "-r", "-aec", called, "-aet", calling]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -76,18 +68,6 @@ def originals(cohort: Cohort) -> dict[str, pydicom.Dataset]:
             ds = pydicom.dcmread(f)
             found[str(ds.SOPInstanceUID)] = ds
     return found
-
-
-def pacs_params(server: Orthanc, tmp: Path, **changes: object) -> PacsParams:
-    netrc = tmp / "pacs.netrc"
-    netrc.write_text(f"machine 127.0.0.1 login {USER} password {PASSWORD}\n")
-    netrc.chmod(0o600)
-    base = PacsParams(
-        url=server.dicomweb, port=server.dicom_port, called_ae=AE_TITLE, calling_ae=OURS,
-        credentials=netrc, retries=0, retry_wait_s=0.0, timeout_s=20.0,
-        listen=ListenParams(ae_title=OURS, port=server.listen_port, quiet_s=1.0),
-    )  # fmt: skip
-    return base.model_copy(update=changes)
 
 
 def pulled(folder: Path) -> dict[str, pydicom.Dataset]:

@@ -62,14 +62,18 @@ def test_predict_flow_on_inbox(
 
 
 @pytest.mark.slow
-def test_predict_inbox_flow_runs_once_per_inbox_change(
+def test_predict_inbox_flow_takes_each_complete_study_once(
     prefect_server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What the predict-inbox deployment runs: params from the file, the inbox and output
-    of params; a second run over an unchanged inbox redoes nothing, a new study reruns."""
+    of params; a study folder still arriving waits, a complete one is predicted once (the
+    record in processed.json), a new one alone is predicted next, a changed one again."""
+    import json
+
     import yaml
 
     from medimg.config import OrchestrationParams
+    from medimg.pacs.local import COMPLETE
     from pipelines.predict import predict_inbox_flow
 
     monkeypatch.setattr("medimg.models.build.build_model", known_model)
@@ -80,25 +84,48 @@ def test_predict_inbox_flow_runs_once_per_inbox_change(
     params = params.model_copy(
         update={
             "predict": params.predict.model_copy(update={"model": uri}),
-            "orchestration": OrchestrationParams(inbox=Path("inbox")),
+            "orchestration": OrchestrationParams(inbox=Path("inbox"), inbox_quiet_s=3600),
         }
     )
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
     with cohort.truth.open() as f:
         truth = list(csv.DictReader(f))
+    results = tmp_path / "results"
 
-    empty = predict_inbox_flow(str(params_file), str(tmp_path))
-    assert empty == {"skipped": "empty inbox"}
-    shutil.copytree(cohort.raw / truth[0]["folder"], tmp_path / "inbox" / "first")
-    first = predict_inbox_flow(str(params_file), str(tmp_path))
-    assert first["n_predicted"] >= 1, first
-    report = tmp_path / "results" / "report.html"
+    def run() -> dict:
+        return predict_inbox_flow(str(params_file), str(tmp_path))
+
+    assert run() == {"studies": {}, "unchanged": 0, "waiting": 0}
+    first = tmp_path / "inbox" / "DOE^JANE 1970"  # a folder named by hand, as PHI
+    shutil.copytree(cohort.raw / truth[0]["folder"], first)
+    assert run() == {"studies": {}, "unchanged": 0, "waiting": 1}  # copied in just now
+    (first / COMPLETE).touch()  # what the storage node writes once a study went quiet
+    one = run()
+    [(key, entry)] = one["studies"].items()
+    assert entry["n_predicted"] >= 1 and entry["delivered"] is None, one
+    report = results / key / "report.html"
     written = report.stat().st_mtime_ns
-    again = predict_inbox_flow(str(params_file), str(tmp_path))
-    assert again == {"skipped": "unchanged inbox"}
+    record = (results / "processed.json").read_text()
+    assert key in record and "DOE" not in record
+    assert "DOE" not in (results / "index.html").read_text()
+    assert not [p for p in results.rglob("*") if "DOE" in p.name]
+    assert run() == {"studies": {}, "unchanged": 1, "waiting": 0}
     assert report.stat().st_mtime_ns == written
+
     other = next(r["folder"] for r in truth if r["folder"] != truth[0]["folder"])
-    shutil.copytree(cohort.raw / other, tmp_path / "inbox" / "second")
-    second = predict_inbox_flow(str(params_file), str(tmp_path))
-    assert second["n_predicted"] > first["n_predicted"], (first, second)
+    second = tmp_path / "inbox" / "second"
+    shutil.copytree(cohort.raw / other, second)
+    (second / COMPLETE).touch()
+    two = run()
+    assert list(two["studies"]) != [key] and len(two["studies"]) == 1, two
+    assert two["unchanged"] == 1
+    assert report.stat().st_mtime_ns == written  # the first study was left alone
+    done = json.loads((results / "processed.json").read_text())["studies"]
+    assert sorted(done) == sorted([key, *two["studies"]])
+
+    extra = next(f for f in sorted(second.rglob("*")) if f.is_file() and f.name != COMPLETE)
+    shutil.copy(extra, first / "one-more.dcm")  # the folder grew after it was complete
+    three = run()
+    assert list(three["studies"]) == [key], three
+    assert report.stat().st_mtime_ns != written
