@@ -18,6 +18,8 @@ the same ``--keep DIR``, it reuses the cohort and every finished run whose input
 unchanged (the params and the contents of the code the training and evaluation stages of
 dvc.yaml depend on, hashed as DVC would decide to rerun them), so that the seeds of a long
 run can be spread over several sittings (``--seeds 0,1`` now, ``--seeds 5`` later).
+``--reference`` takes seed 0 from the committed ``metrics/`` (what ``make demo`` wrote on
+the code and params of ``dvc.lock``) instead of training it again.
 """
 
 from __future__ import annotations
@@ -182,7 +184,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="both tasks' epochs (default: params.yaml's)")
     parser.add_argument("--no-other-machine", action="store_true", help="skip the ISA run")
     parser.add_argument("--keep", type=Path, help="keep the project copy and runs here")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="seed 0 from this checkout's committed metrics/ (the demo's reference, which "
+        "tests/unit/test_reference.py keeps in step with the code) instead of training it",
+    )
     args = parser.parse_args()
+    if args.reference and (args.patients or args.epochs or _params_seed() != 0):
+        parser.error("--reference is the demo's own recipe: no --patients or --epochs")
 
     def edit(params: dict[str, Any]) -> None:
         if args.patients:
@@ -196,8 +206,8 @@ def main() -> None:
         root = args.keep or Path(tmp) / "project"
         root.mkdir(parents=True, exist_ok=True)
         _cohort(root, edit)
-        runs = []
-        for seed in args.seeds:
+        runs = [reference_run()] if args.reference else []
+        for seed in [s for s in args.seeds if not (args.reference and s == 0)]:
             runs.append(_run_seed(root, seed, f"seed{seed}", PROJECT_ENV))
             print(f"# seed {seed}: {runs[-1]['seconds'] / 60:.1f} min", flush=True)
         other = None
@@ -205,6 +215,18 @@ def main() -> None:
             env = {**PROJECT_ENV, **OTHER_MACHINE}
             other = _run_seed(root, runs[0]["seed"], f"seed{runs[0]['seed']}-other-isa", env)
         print(report(runs, other))
+
+
+def _params_seed() -> int:
+    return int(yaml.safe_load((REPO / "params.yaml").read_text())["train"].get("seed", 0))
+
+
+def reference_run() -> dict[str, Any]:
+    """Seed 0 as the committed reference: ``metrics/<task>.json`` that ``make demo`` wrote
+    (``dvc.lock`` records the code and params they came from)."""
+    files = {task: (REPO / "metrics" / f"{task}.json").read_text() for task in TASKS}
+    return {"tag": "seed0-reference", "seed": 0, "seconds": math.nan, "files": files,
+            "commit": _commit(), "finished": "committed reference", "reused": True}  # fmt: skip
 
 
 def _cohort(root: Path, edit: Any) -> None:
