@@ -17,7 +17,7 @@ from typing import Protocol, TypeVar
 from medimg.config import PacsParams
 from medimg.errors import PacsError
 from medimg.pacs.query import Query
-from medimg.pacs.refs import InstanceRef, Writer
+from medimg.pacs.refs import InstanceRef, Writer, describe
 
 __all__ = ["InstanceRef", "Pacs", "Writer", "connect", "describe", "opened", "retried"]
 
@@ -48,13 +48,6 @@ class Pacs(Protocol):
     def close(self) -> None:
         """Release what the client holds (a storage node for C-MOVE)."""
         ...
-
-
-def describe(cfg: PacsParams) -> str:
-    """The PACS as messages name it (a client's ``server``): address and AE title only."""
-    if cfg.protocol == "dicomweb":
-        return f"DICOMweb server {cfg.url}"
-    return f"DICOM node {cfg.called_ae} at {cfg.host}:{cfg.port}"
 
 
 def connect(cfg: PacsParams) -> Pacs:

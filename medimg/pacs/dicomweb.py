@@ -14,10 +14,9 @@ from dicomweb_client.api import DICOMwebClient
 
 from medimg.config import PacsParams
 from medimg.errors import PacsError
-from medimg.pacs.client import describe
 from medimg.pacs.credentials import credentials_for, host_of
 from medimg.pacs.query import Query
-from medimg.pacs.refs import InstanceRef, Writer
+from medimg.pacs.refs import InstanceRef, Writer, describe
 
 STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
 

@@ -28,9 +28,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from medimg.config import PacsParams
 from medimg.errors import PacsError
-from medimg.pacs.client import describe
 from medimg.pacs.query import Query
-from medimg.pacs.refs import InstanceRef, Writer
+from medimg.pacs.refs import InstanceRef, Writer, describe
 
 PENDING = (0xFF00, 0xFF01)
 # What C-GET and C-MOVE bring back: CT and MR images (single- and multi-frame), and the
