@@ -257,3 +257,26 @@ def test_cross_validation_scores_every_patient_out_of_fold_and_registers_the_ens
     )
     assert f"    {task:20} {runs_table}" in lines
     assert f"    {other:20} no runs yet" in lines
+
+
+def test_the_saved_ensemble_holds_the_model_sections_only(tmp_path: Path) -> None:
+    """Like each fold's model.pt, the ensemble's leaves out where runs are logged, sent or
+    scheduled: editing those sections (the PACS, prediction) leaves its bytes alone."""
+    from medimg.cv import save_ensemble
+    from medimg.tasks import configured_task
+
+    params = Params()
+    other = params.model_copy(
+        update={
+            "pacs": params.pacs.model_copy(update={"url": "https://pacs.example/dicom-web"}),
+            "predict": params.predict.model_copy(update={"output": Path("elsewhere")}),
+        }
+    )
+    spec = configured_task("classify", params)
+    written = []
+    for n, p in enumerate((params, other)):
+        save_ensemble(Ensemble(_nets(1, 2)), spec, p, tmp_path / str(n), [0, 1])
+        written.append((tmp_path / str(n) / "model.pt").read_bytes())
+    assert written[0] == written[1]
+    saved = json.loads(torch.load(tmp_path / "0" / "model.pt", weights_only=False)["config"])
+    assert set(saved) == set(Params.MODEL_SECTIONS)
