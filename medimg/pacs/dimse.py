@@ -89,6 +89,11 @@ class DimsePacs:
             )
         except (OSError, ssl.SSLError) as e:
             raise PacsError(f"{self.server}: {type(e).__name__} while {what}") from None
+        if self.cfg.dimse_tls and not (assoc.is_established or assoc.is_rejected):
+            raise PacsError(  # it answered TCP, then dropped the handshake: most often TLS
+                f"{self.server}: no TLS session while {what}: is pacs.ca_bundle the CA that "
+                "signed its certificate, and does it speak DICOM TLS on pacs.port?"
+            )
         if assoc.is_rejected or assoc.is_aborted:
             how = "rejected" if assoc.is_rejected else "aborted"
             raise PacsError(

@@ -34,6 +34,7 @@ class Orthanc:
     listen_port: int  # where Orthanc sends C-MOVEs and stores to our AE title
     process: subprocess.Popen[bytes]
     log: Path
+    ca: Path | None = None  # the self-signed certificate of a server started with TLS
 
     @property
     def url(self) -> str:
@@ -70,7 +71,21 @@ def orthanc_binary() -> str:
     return found
 
 
-def start_orthanc(root: Path) -> Orthanc:
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (openssl), valid for two days."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    command = ["openssl", "req", "-x509", "-nodes", "-days", "2", "-newkey", "rsa:2048",
+               "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+               "-addext", "subjectAltName=IP:127.0.0.1"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return cert, key
+
+
+def start_orthanc(root: Path, tls: bool = False) -> Orthanc:
+    """Orthanc on free loopback ports; with ``tls``, its DICOM port speaks DICOM TLS only,
+    with a self-signed certificate (its ``ca``)."""
     binary = orthanc_binary()
     http, dicom, listen = free_port(), free_port(), free_port()
     (root / "db").mkdir(parents=True, exist_ok=True)
@@ -91,11 +106,19 @@ def start_orthanc(root: Path) -> Orthanc:
         "StableAge": 1,
         "HttpsVerifyPeers": False,
     }
+    ca = None
+    if tls:  # DICOM TLS only: Debian's Orthanc 1.10.1 crashes on its first HTTPS request
+        ca, key = self_signed(root / "tls")
+        config.update(
+            DicomTlsEnabled=True,
+            DicomTlsCertificate=str(ca), DicomTlsPrivateKey=str(key),
+            DicomTlsTrustedCertificates=str(ca), DicomTlsRemoteCertificateRequired=False,
+        )  # fmt: skip
     (root / "orthanc.json").write_text(json.dumps(config))
     log = root / "orthanc.log"
     with log.open("wb") as out:
         process = subprocess.Popen([binary, str(root / "orthanc.json")], stdout=out, stderr=out)
-    server = Orthanc(http, dicom, listen, process, log)
+    server = Orthanc(http, dicom, listen, process, log, ca)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
