@@ -96,3 +96,28 @@ def test_predictions_csv_has_a_probability_per_class_and_the_class(predicted: di
         assert r["predicted"] != "none"  # every patient of the cohort has a lesion
         assert r["threshold"] == ""  # argmax: no threshold to report
     assert {r["predicted"] for r in rows} <= {"small", "large"}
+
+
+def test_the_classifier_writes_a_valid_sr_per_series(predicted: dict) -> None:
+    """Each series' diagnosis as a DICOM SR (TID 1500): valid for its IOD by three checks,
+    read back by highdicom with the class and probabilities of predictions.csv, and
+    referencing the de-identified copies it was predicted from (no patient in it)."""
+    import pydicom
+
+    from medimg.dicom.sr import read_diagnosis
+    from tests.helpers import dicom_problems
+
+    out = predicted["root"] / "cls"
+    rows = {r["key"]: r for r in _rows(out / "predictions.csv") if r["status"] == "predicted"}
+    assert rows
+    for key, row in rows.items():
+        sr = out / key / "sr.dcm"
+        assert dicom_problems(sr) == [], key
+        back = read_diagnosis(sr)
+        assert back["predicted"] == row["predicted"]
+        for c in CLASSES:
+            assert back["probabilities"][c] == pytest.approx(float(row[f"probability_{c}"]))
+        ds = pydicom.dcmread(sr)
+        source = pydicom.dcmread(next((out / "ingest" / "dicom" / key).glob("*.dcm")))
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.PatientID == source.PatientID  # the pseudonym of the copies
