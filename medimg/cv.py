@@ -101,8 +101,8 @@ def save_ensemble(
     ``config.json`` (the first fold's resolved config)."""
     from medimg.checkpoint import save, weights_payload
 
-    config = params.model_dump_for_model()  # what the folds were made of, as theirs
-    payload = weights_payload(ensemble, spec.name, config, spec.describe())
+    made_of = params.model_dump_for_model()  # what the folds were made of, as theirs
+    payload = weights_payload(ensemble, spec.name, made_of, spec.describe())
     payload["members"] = len(folds)
     payload["folds"] = json.dumps(folds)
     save(payload, model_dir / "model.pt")  # byte for byte the same for the same weights

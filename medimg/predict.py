@@ -55,7 +55,7 @@ import numpy.typing as npt
 from medimg.config import IngestParams, PredictParams, PreprocessParams
 from medimg.decode import diagnosis, label_map
 from medimg.decode import to_original_grid as to_original_grid
-from medimg.errors import DicomError, MedImgError
+from medimg.errors import MedImgError
 from medimg.inbox import (  # noqa: F401  (PredictPaths, Inbox, qc_gate, ...: their old home)
     Inbox,
     PredictPaths,
@@ -67,6 +67,7 @@ from medimg.inbox import (  # noqa: F401  (PredictPaths, Inbox, qc_gate, ...: th
     source_files,
 )
 from medimg.io import atomic_write_text
+from medimg.outputs import segmenter_volumes, write_seg, write_sr
 from medimg.tasks import get_task
 from medimg.typing import Progress
 from medimg.volume import save_nifti
@@ -165,6 +166,12 @@ def preprocess_volume(path: Path, modality: str, cfg: PreprocessParams) -> Any:
     return preprocessing_transforms(modality, cfg, with_label=False)({IMAGE: str(path)})[IMAGE]
 
 
+def _model(predictor: Predictor) -> tuple[str, str]:
+    """The model's name and version as DICOM results name them."""
+    name = predictor.name if predictor.name != predictor.uri else "medimg-model"
+    return name, str(predictor.version)
+
+
 def _spec(predictor: Predictor) -> Any:
     return predictor.spec if predictor.spec is not None else get_task(predictor.task)
 
@@ -223,13 +230,15 @@ def predict_series(
         spec = _spec(predictor)
         if not spec.with_masks:
             diagnosis(res, result, spec.labels, predictor.threshold)
-            _write_sr(sources, predictor, folder / "sr.dcm", res)
+            volumes = segmenter_volumes(cfg.volumes_from).get(key) if cfg.volumes_from else None
+            write_sr(sources, _model(predictor), _spec(predictor), folder / "sr.dcm", res, volumes)
         else:
             model_affine = np.asarray(image.affine, dtype=np.float64)
             mask = label_map(spec, result, model_affine, volume.shape, affine, res)
             save_nifti(mask, affine, folder / "mask.nii.gz")
             res.outputs["mask"] = f"{key}/mask.nii.gz"
-            _write_seg(mask, affine, sources, predictor, cfg, folder / "seg.dcm", res)
+            seg = folder / "seg.dcm"
+            write_seg(mask, affine, sources, _model(predictor), _spec(predictor), cfg, seg, res)
         from medimg.report import write_montage
 
         write_montage(volume, mask, res.modality, cfg, folder / "montage.png")
@@ -239,64 +248,6 @@ def predict_series(
         res.status, res.reason = "failed", f"{type(e).__name__}: {e}"
         log.error("series %s: prediction failed: %s", key, res.reason)
     return res
-
-
-def _write_seg(
-    mask: npt.NDArray[np.uint8],
-    affine: npt.NDArray[np.float64],
-    sources: list[Path],
-    predictor: Predictor,
-    cfg: PredictParams,
-    path: Path,
-    res: SeriesResult,
-) -> None:
-    """The DICOM SEG; a series it cannot be made for keeps its other outputs, with the
-    reason in the report."""
-    from importlib.metadata import version
-
-    from medimg.dicom.seg import SegInfo, read_sources, segments_from, write_seg
-
-    name = predictor.name if predictor.name != predictor.uri else "medimg-model"
-    spec = _spec(predictor)
-    several = len(spec.labels) > 1  # one structure: the binary SEG as before structures
-    what = f"{len(spec.labels)} structures" if several else "lesion"
-    info = SegInfo(
-        segments=segments_from(spec.structures) if several else (),
-        series_description=f"medimg {what} ({name} v{predictor.version})"[:64],
-        algorithm_name=name,
-        algorithm_version=predictor.version,
-        series_number=cfg.seg_series_number,
-        software_version=f"medimg {version('medimg')}",
-    )
-    try:
-        if not sources:
-            raise DicomError("no source images to reference")
-        write_seg(mask, affine, read_sources(sources), info, path)
-        res.outputs["seg"] = f"{res.key}/seg.dcm"
-    except DicomError as e:
-        res.reason = f"no DICOM SEG: {e}"
-        log.warning("series %s: %s", res.key, res.reason)
-
-
-def _write_sr(sources: list[Path], predictor: Predictor, path: Path, res: SeriesResult) -> None:
-    """The diagnosis as a DICOM SR (TID 1500) referencing the series' instances; a series
-    it cannot be made for keeps its other outputs, with the reason in the report."""
-    from medimg.dicom.seg import read_sources
-    from medimg.dicom.sr import build_diagnosis_sr, write_diagnosis_sr
-
-    name = predictor.name if predictor.name != predictor.uri else "medimg-model"
-    probs = {n: res.extra[f"probability_{n}"] for n in _spec(predictor).labels}
-    try:
-        if not sources:
-            raise DicomError("no source images to reference")
-        sr = build_diagnosis_sr(
-            read_sources(sources), probs, str(res.predicted), name, str(predictor.version)
-        )
-        write_diagnosis_sr(sr, path)
-        res.outputs["sr"] = f"{res.key}/sr.dcm"
-    except (DicomError, ValueError) as e:
-        res.reason = f"no DICOM SR: {e}"
-        log.warning("series %s: %s", res.key, res.reason)
 
 
 def predict(

@@ -329,7 +329,7 @@ def predict(
     from medimg.predict import predict as run
 
     pin_runtime(params)
-    cfg = params.predict
+    cfg = predict_params(params, root)
     client = tracking.configure(params, root)
     predictor = load_predictor(model_uri or cfg.model, client, cfg.device)
     return run(
@@ -340,6 +340,14 @@ def predict(
         project_path(root, output_dir or cfg.output),
         progress,
     )
+
+
+def predict_params(params: Params, root: Path = Path(".")) -> Any:
+    """``predict``, with its folders resolved against the project ``root``."""
+    cfg = params.predict
+    if cfg.volumes_from is not None:
+        cfg = cfg.model_copy(update={"volumes_from": project_path(root, cfg.volumes_from)})
+    return cfg
 
 
 def pacs_keys(params: Params, root: Path = Path(".")) -> Any:

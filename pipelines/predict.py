@@ -87,7 +87,7 @@ def predict_flow(
     report.html in ``output_dir``, with ``model_uri`` (default ``predict.model``)."""
     started = time.perf_counter()
     logger = get_run_logger()
-    cfg = params.predict
+    cfg = stages.predict_params(params, root)
     predictor = load_task(params, root, model_uri or cfg.model)
     paths = PredictPaths(project_path(root, input_dir), project_path(root, output_dir))
     inbox = ingest_task(cfg, stages.ingest_params(params, root), predictor, paths)

@@ -238,6 +238,8 @@ class PredictParams(StrictModel):
     montage_slices: int = Field(12, ge=1)  # slices shown in each PNG montage
     montage_columns: int = Field(4, ge=1)  # montage tiles per row
     montage_window_hu: Range = (-160.0, 240.0)  # CT display window of the montage, HU
+    volumes_from: Path | None = None  # a segmenter's prediction folder: the classifier's SR
+    # then carries the volumes it measured on the same series (predictions.csv)
     push: bool = False  # send each study's SEG and SR to the PACS (``pacs``) after
     # prediction; needs deid: pacs (the results must name the patient to be filed)
 

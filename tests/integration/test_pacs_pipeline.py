@@ -6,6 +6,7 @@ marked not delivered, until a later run sends them)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import socket
@@ -121,6 +122,8 @@ def test_listen_then_predict_inbox_puts_seg_and_sr_back_into_the_pacs(
 
     def params_file(task: str, server: object) -> Path:
         predict = {"model": models[task], "output": Path(f"{task}-results"), "deid": "pacs"}
+        if task == "classify":  # its SR carries the volumes the segmenter measured
+            predict["volumes_from"] = Path("segment-results")
         params = base.model_copy(
             update={
                 "predict": base.predict.model_copy(update={**predict, "push": True}),
@@ -190,3 +193,7 @@ def test_listen_then_predict_inbox_puts_seg_and_sr_back_into_the_pacs(
         assert pydicom.dcmread(Layout(back, keys).path(study_uid, str(ds.SOPInstanceUID))) == ds
     diagnosis = read_diagnosis(sr_file)
     assert diagnosis["predicted"] in diagnosis["probabilities"]
+    with (results / key / "predictions.csv").open() as f:
+        [row] = [r for r in csv.DictReader(f) if r["status"] == "predicted"]
+    assert diagnosis["volumes_ml"] == {"lesion": pytest.approx(float(row["volume_ml_lesion"]))}
+    assert float(row["volume_ml_lesion"]) > 0
