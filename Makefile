@@ -85,11 +85,12 @@ test: $(STAMP) system-packages
 # Debian packages the suite drives, as command:package pairs (a package's command may be
 # named otherwise; a path instead of a command is checked as a file): Chromium for the UI
 # tests, dciodvfy (dicom3tools) for the DICOM IOD checks, Orthanc and its DICOMweb plugin
-# as the PACS of tests/integration/test_pacs.py. Installed with apt-get (as root, or
+# as the PACS of tests/integration/test_pacs.py, stunnel4 as its https front (Orthanc's
+# own HTTPS crashes in Debian's 1.10.1). Installed with apt-get (as root, or
 # through sudo when it asks no password); otherwise make stops at once and names the one
 # command to run.
 SYSTEM_PACKAGES := chromium:chromium dciodvfy:dicom3tools /usr/sbin/Orthanc:orthanc \
-	/usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
+	/usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb stunnel4:stunnel4
 system-packages:
 	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
 	    case $${pair%%:*} in /*) test -e $${pair%%:*} ;; *) command -v $${pair%%:*} >/dev/null ;; esac \

@@ -38,7 +38,7 @@ class DicomWebPacs:
         self._session = session
         self.client = DICOMwebClient(url=cfg.url, session=session)
         self.client.set_http_retry_params(retry=False)  # medimg retries whole studies
-        session.request = _with_timeout(session.request, cfg.timeout_s)  # type: ignore[method-assign]
+        session.request = _with_timeout(session.request, cfg.timeout_s, session.verify)  # type: ignore[method-assign]
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -104,12 +104,15 @@ class DicomWebPacs:
         self._session.close()
 
 
-def _with_timeout(request: Any, timeout: float) -> Any:
+def _with_timeout(request: Any, timeout: float, verify: bool | str = True) -> Any:
     """``session.request`` with a default timeout (requests has none: a silent server
-    would hang a pull forever)."""
+    would hang a pull forever) and the certificate check of params on every request:
+    requests lets ``$REQUESTS_CA_BUNDLE`` override a session's own ``verify``, which would
+    silently drop ``pacs.ca_bundle`` (and ``pacs.tls_verify: false``) wherever it is set."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("timeout", timeout)
+        kwargs.setdefault("verify", verify)
         return request(*args, **kwargs)
 
     return call

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,3 +154,35 @@ def pacs_params(server: Orthanc, tmp: Path, **changes: object) -> PacsParams:
         listen=ListenParams(ae_title=OURS, port=server.listen_port, quiet_s=1.0),
     )  # fmt: skip
     return base.model_copy(update=changes)
+
+
+@contextmanager
+def https_front(server: Orthanc, folder: Path) -> Iterator[tuple[str, Path]]:
+    """stunnel (Debian's stunnel4) in front of Orthanc's HTTP port: DICOMweb over https
+    with a self-signed certificate for 127.0.0.1. Yields the https DICOMweb root and the
+    certificate. (Orthanc's own HTTPS crashes in Debian's 1.10.1.)"""
+    binary = shutil.which("stunnel4") or shutil.which("stunnel")
+    if binary is None:
+        pytest.fail("stunnel is needed for the https tests: run `make system-packages`")
+    cert, key = self_signed(folder)
+    both = folder / "both.pem"
+    both.write_text(cert.read_text() + key.read_text())
+    port = free_port()
+    conf = folder / "stunnel.conf"
+    conf.write_text(
+        f"foreground = yes\npid =\n[dicomweb]\naccept = 127.0.0.1:{port}\n"
+        f"connect = 127.0.0.1:{server.http_port}\ncert = {both}\n"
+    )
+    log = folder / "stunnel.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([binary, str(conf)], stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 20
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"stunnel did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield f"https://127.0.0.1:{port}/dicom-web", cert
+    finally:
+        process.terminate()
+        process.wait(timeout=20)

@@ -36,6 +36,7 @@ from tests.integration.orthanc import (
     OURS,
     USER,
     Orthanc,
+    https_front,
     pacs_params,
     start_orthanc,
     storescu,
@@ -130,6 +131,27 @@ def test_a_server_that_is_down_names_itself_and_writes_nothing(tmp_path: Path) -
         with pytest.raises(PacsError, match=f"127.0.0.1:{port}.*cannot be reached"):
             pull(cfg, Query(), tmp_path / "raw", KEYS)
         assert not (tmp_path / "raw").exists()
+
+
+def test_dicomweb_over_https_checks_the_certificate(
+    orthanc: Orthanc, cohort: Cohort, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DICOMweb through an https front (stunnel, a self-signed certificate): with
+    pacs.ca_bundle naming it the pull matches the originals; with the system's CAs (the
+    default, verify on) it is refused with a message naming the setting, nothing
+    written; pacs.tls_verify: false is the user's explicit choice to skip the check."""
+    # as on many hospital machines: requests would let it override pacs.ca_bundle
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    with https_front(orthanc, tmp_path / "tls") as (url, cert):
+        cfg = pacs_params(orthanc, tmp_path, url=url, ca_bundle=str(cert))
+        pull(cfg, Query(), tmp_path / "raw", KEYS)
+        assert set(pulled(tmp_path / "raw")) == set(originals(cohort))
+        with pytest.raises(PacsError, match=r"TLS certificate not accepted.*pacs\.ca_bundle"):
+            pull(cfg.model_copy(update={"ca_bundle": ""}), Query(), tmp_path / "refused", KEYS)
+        assert not (tmp_path / "refused").exists()
+        unchecked = cfg.model_copy(update={"ca_bundle": "", "tls_verify": False})
+        summary = pull(unchecked, Query(), tmp_path / "raw", KEYS)
+        assert summary.failed == [] and summary.as_dict()["instances_fetched"] == 0
 
 
 def test_dimse_over_tls_checks_the_certificate(cohort: Cohort, tmp_path: Path) -> None:
