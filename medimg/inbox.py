@@ -216,7 +216,7 @@ def ready_studies(
         if not files:
             continue
         partial = any(f.name.startswith(".") and ".tmp" in f.name for f in files)
-        newest = max(max(f.stat().st_mtime, f.stat().st_ctime) for f in files)
+        newest = max(max((st := f.stat()).st_mtime, st.st_ctime) for f in files)
         if (entry / COMPLETE).is_file() or (not partial and now - newest >= quiet_s):
             files = [f for f in files if not f.name.startswith(".")]
             ready.append(Study(entry, keys.key("inbox", entry.name), _fingerprint(entry, files)))

@@ -90,12 +90,12 @@ def write_sr(
         log.warning("series %s: %s", res.key, res.reason)
 
 
-def segmenter_volumes(folder: Path) -> dict[str, dict[str, float]]:
+def segmenter_volumes(folder: Path | None) -> dict[str, dict[str, float]]:
     """Each predicted series' volumes per structure (ml) from every ``predictions.csv``
     below ``folder`` (one folder's, or one per study of the ``predict-inbox``
-    deployment); a folder without any gives none."""
+    deployment); no folder, or one without any, gives none."""
     found: dict[str, dict[str, float]] = {}
-    for table in sorted(Path(folder).rglob("predictions.csv")):
+    for table in sorted(Path(folder).rglob("predictions.csv")) if folder else []:
         with table.open(newline="") as f:
             for row in csv.DictReader(f):
                 volumes = {

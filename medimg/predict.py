@@ -197,6 +197,7 @@ def predict_series(
     cfg: PredictParams,
     work: Path,
     out: Path,
+    volumes: dict[str, dict[str, float]] | None = None,
 ) -> SeriesResult:
     """Predict one ingested series and write its outputs under ``out/<key>/``.
 
@@ -204,6 +205,8 @@ def predict_series(
         record: its ingest record (key, modality, volume path...).
         sources: the DICOM files the SEG references (de-identified copies or originals).
         work: the ingest output folder (``record["volume"]`` is relative to it).
+        volumes: a segmenter's volumes per series key (:func:`segmenter_volumes` of
+            ``predict.volumes_from``, read once per run), for a classifier's SR.
 
     Never raises for a bad series: the result says ``failed`` and why.
     """
@@ -230,15 +233,15 @@ def predict_series(
         spec = _spec(predictor)
         if not spec.with_masks:
             diagnosis(res, result, spec.labels, predictor.threshold)
-            volumes = segmenter_volumes(cfg.volumes_from).get(key) if cfg.volumes_from else None
-            write_sr(sources, _model(predictor), _spec(predictor), folder / "sr.dcm", res, volumes)
+            measured = (volumes or {}).get(key)
+            write_sr(sources, _model(predictor), spec, folder / "sr.dcm", res, measured)
         else:
             model_affine = np.asarray(image.affine, dtype=np.float64)
             mask = label_map(spec, result, model_affine, volume.shape, affine, res)
             save_nifti(mask, affine, folder / "mask.nii.gz")
             res.outputs["mask"] = f"{key}/mask.nii.gz"
             seg = folder / "seg.dcm"
-            write_seg(mask, affine, sources, _model(predictor), _spec(predictor), cfg, seg, res)
+            write_seg(mask, affine, sources, _model(predictor), spec, cfg, seg, res)
         from medimg.report import write_montage
 
         write_montage(volume, mask, res.modality, cfg, folder / "montage.png")
@@ -267,8 +270,11 @@ def predict(
     t0 = time.perf_counter()
     inbox = ingest_inbox(cfg, ingest_cfg, predictor.preprocess, PredictPaths(input_dir, out))
     results = list(inbox.rejected)
+    volumes = segmenter_volumes(cfg.volumes_from)
     for n, (record, sources) in enumerate(inbox.items, start=1):
-        results.append(predict_series(record, sources, predictor, cfg, inbox.paths.ingest.out, out))
+        results.append(
+            predict_series(record, sources, predictor, cfg, inbox.paths.ingest.out, out, volumes)
+        )
         if progress:
             progress(n, len(inbox.items))
     total = time.perf_counter() - t0

@@ -19,6 +19,7 @@ from medimg import stages, tracking
 from medimg.config import IngestParams, PacsParams, Params, PredictParams, load_params
 from medimg.inbox import InboxRecord, ready_studies
 from medimg.io import project_path
+from medimg.outputs import segmenter_volumes
 from medimg.pacs.push import Delivery
 from medimg.predict import (
     Inbox,
@@ -53,9 +54,11 @@ def series_task(
     predictor: Predictor,
     cfg: PredictParams,
     inbox: Inbox,
+    volumes: dict[str, dict[str, float]],
 ) -> SeriesResult:
     record, sources = item
-    return predict_series(record, sources, predictor, cfg, inbox.paths.ingest.out, inbox.paths.out)
+    work, out = inbox.paths.ingest.out, inbox.paths.out
+    return predict_series(record, sources, predictor, cfg, work, out, volumes)
 
 
 @io_task("write-report")
@@ -92,8 +95,13 @@ def predict_flow(
     paths = PredictPaths(project_path(root, input_dir), project_path(root, output_dir))
     inbox = ingest_task(cfg, stages.ingest_params(params, root), predictor, paths)
     logger.info("%d series to predict, %d rejected", len(inbox.items), len(inbox.rejected))
+    volumes = segmenter_volumes(cfg.volumes_from)  # read once, for every series' SR
     futures = series_task.map(
-        inbox.items, predictor=unmapped(predictor), cfg=unmapped(cfg), inbox=unmapped(inbox)
+        inbox.items,
+        predictor=unmapped(predictor),
+        cfg=unmapped(cfg),
+        inbox=unmapped(inbox),
+        volumes=unmapped(volumes),
     )
     summary = report_task(cfg, predictor, inbox, [f.result() for f in futures], started)
     logger.info(
@@ -155,15 +163,16 @@ def predict_inbox_flow(params_file: str = "params.yaml", root: str = ".") -> dic
         }
         record.put(study.key, entry)
         done[study.key] = entry
-    for key in record.undelivered() if params.predict.push else []:
-        done.setdefault(key, record.studies[key])  # sent again: the PACS did not take it
-    for key, entry in done.items() if params.predict.push else []:
-        files = result_files(out / key)
-        if not files:  # every series rejected or failed: nothing to send
-            continue
-        sent = push_task(params.pacs, files, key)
-        entry.update(delivered=sent.delivered, error=sent.error, n_objects=len(files))
-        record.put(key, entry)
+    if params.predict.push:
+        for key in record.undelivered():  # sent again: the PACS did not take it
+            done.setdefault(key, record.studies[key])
+        for key, entry in done.items():
+            files = result_files(out / key)
+            if not files:  # every series rejected or failed: nothing to send
+                continue
+            sent = push_task(params.pacs, files, key)
+            entry.update(delivered=sent.delivered, error=sent.error, n_objects=len(files))
+            record.put(key, entry)
     return {
         "studies": {k: {n: v for n, v in e.items() if n != "fingerprint"} for k, e in done.items()},
         "unchanged": len(studies) - len(new),

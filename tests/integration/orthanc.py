@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import pytest
 import requests
 
 from medimg.config import ListenParams, PacsParams
-from tests.helpers import free_port
+from tests.helpers import free_port, port_open
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 USER, PASSWORD = "medimg", "orthanc-test-secret"
@@ -178,7 +177,7 @@ def https_front(server: Orthanc, folder: Path) -> Iterator[tuple[str, Path]]:
         process = subprocess.Popen([binary, str(conf)], stdout=out, stderr=out)
     try:
         deadline = time.monotonic() + 20
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        while not port_open(port):
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"stunnel did not start:\n{log.read_text()[-2000:]}")
             time.sleep(0.2)

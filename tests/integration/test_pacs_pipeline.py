@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from medimg.pacs.client import connect
 from medimg.pacs.local import COMPLETE, Layout
 from medimg.pacs.pull import pull
 from medimg.pacs.query import Query
-from tests.helpers import free_port, tool_path, write_cohort
+from tests.helpers import free_port, port_open, tool_path, write_cohort
 from tests.integration.orthanc import (
     AE_TITLE,
     PASSWORD,
@@ -95,11 +94,6 @@ def wait_for(check: object, what: str, seconds: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.mark.slow
 def test_listen_then_predict_inbox_puts_seg_and_sr_back_into_the_pacs(
     orthanc: Orthanc, prefect_server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -143,7 +137,7 @@ def test_listen_then_predict_inbox_puts_seg_and_sr_back_into_the_pacs(
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_for(lambda: listening(pacs.listen.port), "the storage node to listen")
+        wait_for(lambda: port_open(pacs.listen.port), "the storage node to listen")
         [found] = orthanc.rest("POST", "/tools/lookup", data=study_uid).json()
         orthanc.rest(
             "POST",
