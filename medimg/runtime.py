@@ -85,8 +85,10 @@ def distributed() -> tuple[int, int]:
 PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",  # PyTorch's own vectorised kernels
     "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN: convolutions, pooling, batch norm
-    "MKL_CBWR": "AVX2",  # MKL's conditional numerical reproducibility: matrix products
-    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    # MKL (matrix products: the classifier's head) honours an ISA branch such as AVX2 on
+    # Intel CPUs only and runs its AUTO branch elsewhere, so AMD and Intel differed; its
+    # COMPATIBLE branch (SSE2 without approximate reciprocals) is the one it keeps on both
+    "MKL_CBWR": "COMPATIBLE",
 }
 DETERMINISTIC_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # deterministic cuBLAS on GPUs
 
