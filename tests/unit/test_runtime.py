@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,41 @@ def test_pinned_runs_agree_across_machines_and_unpinned_ones_do_not() -> None:
     assert [c for _, c in pinned.values()] == ["AVX2", "AVX2"]
     assert len({d for d, _ in pinned.values()}) == 1  # pinned: the same bits
 
+
+
+MKL_PRODUCT = """
+import sys
+from medimg import runtime
+if sys.argv[1] == "pin":
+    runtime.pin_reproducible(2)
+import torch
+torch.nn.functional.linear(torch.randn(4, 128), torch.randn(3, 128))  # MKL's SGEMM
+"""
+
+
+def _mkl_branches(mode: str, extra: dict[str, str]) -> list[str]:
+    """The conditional-reproducibility branch of each SGEMM the script's Linear layer ran,
+    as MKL itself reports it (``MKL_VERBOSE``)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MKL_")}
+    env.update({"MKL_VERBOSE": "1", **extra})
+    out = subprocess.run(
+        [sys.executable, "-c", MKL_PRODUCT, mode],
+        env=env, capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    return re.findall(r"SGEMM\(.*? CNR:(\w+)", out.stdout)
+
+
+def test_pinned_mkl_runs_the_branch_it_keeps_on_intel_and_amd_alike() -> None:
+    """MKL keeps an ISA branch such as ``MKL_CBWR=AVX2`` on Intel CPUs only and silently
+    runs its AUTO branch on others (Intel's developer guide, "Specifying code branches"):
+    a classifier trained with that pin on a 2-core AMD EPYC differed from the reference
+    from its first epoch. Pinned, every matrix product runs the COMPATIBLE branch, the
+    one MKL supports on every vendor's x86-64 CPU, whatever the process was given."""
+    assert _mkl_branches("free", {}) == ["OFF"]  # unpinned: no reproducibility branch
+    assert _mkl_branches("pin", {}) == ["COMPATIBLE"]
+    assert _mkl_branches("pin", {"MKL_CBWR": "AVX2"}) == ["COMPATIBLE"]  # replaced
 
 MASK_RESAMPLING = """
 import hashlib, sys
