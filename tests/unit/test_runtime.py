@@ -103,7 +103,6 @@ def test_pinned_runs_agree_across_machines_and_unpinned_ones_do_not() -> None:
     assert len({d for d, _ in pinned.values()}) == 1  # pinned: the same bits
 
 
-
 MKL_PRODUCT = """
 import sys
 from medimg import runtime
@@ -137,6 +136,7 @@ def test_pinned_mkl_runs_the_branch_it_keeps_on_intel_and_amd_alike() -> None:
     assert _mkl_branches("free", {}) == ["OFF"]  # unpinned: no reproducibility branch
     assert _mkl_branches("pin", {}) == ["COMPATIBLE"]
     assert _mkl_branches("pin", {"MKL_CBWR": "AVX2"}) == ["COMPATIBLE"]  # replaced
+
 
 MASK_RESAMPLING = """
 import hashlib, sys
