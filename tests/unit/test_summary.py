@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from medimg.config import Params
 from medimg.summary import registry_line, summary
 
 
-def test_a_summary_before_any_run_says_so_and_creates_no_store(tmp_path: Path) -> None:
+def test_a_summary_before_any_run_says_so_and_creates_no_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Before ``make demo`` there are no metrics and no MLflow store: the summary says
     what to run, and asking it leaves no empty ``mlflow.db`` behind (MLflow creates a
     SQLite store when one is opened)."""
+    # the project's own store: not one that an earlier test in this process pointed MLflow at
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MEDIMG_MLFLOW_URI", raising=False)
     params = Params()  # tracking.uri sqlite:///mlflow.db, relative to the project root
     text = "\n".join(summary(params, tmp_path))
     assert "segment: not evaluated yet" in text and "classify: not evaluated yet" in text
