@@ -50,24 +50,14 @@ def metric_table(result: dict[str, Any], per_owner: str) -> list[str]:
     return lines
 
 
-def missing_store(params: Params, root: Path) -> Path | None:
-    """The SQLite file of a local tracking store that does not exist yet: MLflow would
-    create an empty store just to be asked, so the summary does not ask."""
-    from medimg import tracking
-
-    uri, prefix = tracking.tracking_uri(params.tracking, root), "sqlite:///"
-    if uri.startswith(prefix) and not (path := Path(uri[len(prefix) :])).exists():
-        return path
-    return None
-
-
 def registry_line(params: Params, task: str, root: Path) -> str:
     name = get_task(task).registry_name(params.registry)
     if not params.tracking.enabled:
         return f"  registry: tracking off (tracking.enabled), {name} not registered"
-    if (store := missing_store(params, root)) is not None:
-        return f"  registry: no store yet at {store}, {name} not registered (make demo)"
     from medimg import tracking
+
+    if (store := tracking.missing_sqlite_store(params.tracking, root)) is not None:
+        return f"  registry: no store yet at {store}, {name} not registered (make demo)"
 
     try:
         found = tracking.aliases(params, task, root)
@@ -100,9 +90,10 @@ def ui_lines(params: Params, root: Path) -> list[str]:
     t = params.tracking
     if not t.enabled:
         return ["  runs                   tracking off (tracking.enabled)"]
-    if (store := missing_store(params, root)) is not None:
-        return [f"  runs                   no store yet at {store} (dvc repro logs them)"]
     from medimg import tracking
+
+    if (store := tracking.missing_sqlite_store(t, root)) is not None:
+        return [f"  runs                   no store yet at {store} (dvc repro logs them)"]
 
     try:
         urls = tracking.experiment_urls(params, tuple(TASKS), root)

@@ -24,15 +24,26 @@ _OURS = "MEDIMG_MLFLOW_URI"  # the store configure() chose, so that it can tell 
 # setting from the user's: mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI
 
 
+_SQLITE = "sqlite:///"
+
+
 def tracking_uri(cfg: TrackingParams, root: Path = Path(".")) -> str:
     """The store: ``MLFLOW_TRACKING_URI`` if the user set it, else ``tracking.uri``; a
     relative SQLite path is taken from the project root."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     uri = env if env and env != os.environ.get(_OURS) else cfg.uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str((root / uri[len(prefix) :]).resolve())
+    if uri.startswith(_SQLITE) and not uri.startswith(_SQLITE + "/"):
+        uri = _SQLITE + str((root / uri[len(_SQLITE) :]).resolve())
     return uri
+
+
+def missing_sqlite_store(cfg: TrackingParams, root: Path = Path(".")) -> Path | None:
+    """The file of a SQLite store that does not exist yet (MLflow creates an empty one
+    when it is opened, so a reader that only asks should not open it); None otherwise."""
+    uri = tracking_uri(cfg, root)
+    if uri.startswith(_SQLITE) and not (path := Path(uri[len(_SQLITE) :])).exists():
+        return path
+    return None
 
 
 def is_server(uri: str) -> bool:
